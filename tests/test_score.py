@@ -1,0 +1,221 @@
+"""restore.score against an independent, straightforward re-implementation of the official DACON metric."""
+import cv2
+import numpy as np
+import pytest
+import skimage.data
+from numpy.lib.stride_tricks import sliding_window_view
+from skimage.metrics import structural_similarity
+
+from restore import score as S
+
+# ----------------------------------------------------------------------------------- the reference implementation
+WIN, K1, K2 = 7, 0.01, 0.03
+
+
+def ref_ssim_channel(x, y, data_range):
+    """SSIM of one channel (any number of spatial dims): every full 7^d window (= skimage's crop of 3 at each edge),
+    sample (co)variance (ddof 1), then the plain mean over windows."""
+    x = x.astype(np.float64)
+    y = y.astype(np.float64)
+    shape = (WIN,) * x.ndim
+    axes = tuple(range(x.ndim, 2 * x.ndim))
+    xw, yw = sliding_window_view(x, shape), sliding_window_view(y, shape)
+    mx, my = xw.mean(axis=axes), yw.mean(axis=axes)
+    n = WIN ** x.ndim
+    dx = xw - np.expand_dims(mx, axes)
+    dy = yw - np.expand_dims(my, axes)
+    vx = (dx * dx).sum(axis=axes) / (n - 1)
+    vy = (dy * dy).sum(axis=axes) / (n - 1)
+    cxy = (dx * dy).sum(axis=axes) / (n - 1)
+    c1, c2 = (K1 * data_range) ** 2, (K2 * data_range) ** 2
+    s = (2 * mx * my + c1) * (2 * cxy + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return s.mean()
+
+
+def ref_ssim(gt, pred):
+    r = float(pred.max()) - float(pred.min())
+    return np.mean([ref_ssim_channel(gt[..., c], pred[..., c], r) for c in range(3)])
+
+
+def ref_masked_ssim(gt, pred, mask):
+    r = float(pred.max()) - float(pred.min())
+    rows, cols = np.nonzero(mask)  # row-major order, like gt[mask]
+    g, p = gt[rows, cols], pred[rows, cols]
+    return np.mean([ref_ssim_channel(g[:, c], p[:, c], r) for c in range(3)])
+
+
+def ref_hist_sim(gt, pred):
+    def hist(img):
+        hue = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)[:, :, 0]
+        counts = np.bincount(hue.ravel(), minlength=180).astype(np.float64)
+        return counts / np.linalg.norm(counts)
+
+    return np.corrcoef(hist(gt), hist(pred))[0, 1]
+
+
+# ----------------------------------------------------------------------------------- fixtures
+def _photo(name, size=64):
+    img = getattr(skimage.data, name)()
+    return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+
+
+def _random_case(rng, size=48):
+    """A gt with structure and a prediction that is a distorted version of it (so all terms spread over (−1, 1])."""
+    name = ["astronaut", "coffee", "chelsea", "rocket"][rng.integers(4)]
+    gt = _photo(name, size)
+    kind = rng.integers(3)
+    if kind == 0:  # noisy copy
+        pred = gt.astype(int) + rng.normal(0, rng.uniform(2, 60), gt.shape)
+    elif kind == 1:  # unrelated random image
+        pred = rng.integers(0, 256, gt.shape)
+    else:  # color-shifted, blurred copy
+        pred = cv2.GaussianBlur(gt, (5, 5), 0).astype(int) + rng.integers(-40, 40, 3)
+    pred = np.clip(pred, 0, 255).astype(np.uint8)
+    mask = np.zeros(gt.shape[:2], bool)
+    y0, x0 = rng.integers(0, size - 10, 2)
+    h, w = rng.integers(3, size - max(y0, x0), 2)
+    mask[y0:y0 + h, x0:x0 + w] = True
+    mask ^= rng.random(mask.shape) < 0.05  # ragged edges and islands: the raster order matters
+    return gt, pred, mask
+
+
+# ----------------------------------------------------------------------------------- agreement with the reference
+def test_matches_reference_on_random_images_and_masks():
+    rng = np.random.default_rng(0)
+    seen = []
+    for _ in range(30):
+        gt, pred, mask = _random_case(rng)
+        out = S.score_image(gt, pred, mask)
+        ref = {"ssim": ref_ssim(gt, pred), "masked_ssim": ref_masked_ssim(gt, pred, mask),
+               "hist_sim": ref_hist_sim(gt, pred)}
+        for name, value in ref.items():
+            assert out[name] == pytest.approx(value, abs=1e-6), name
+        assert out["score"] == pytest.approx(0.2 * ref["ssim"] + 0.4 * ref["masked_ssim"] + 0.4 * ref["hist_sim"],
+                                             abs=1e-6)
+        assert out["degenerate"] == []
+        seen.append(out["score"])
+    assert max(seen) - min(seen) > 0.5  # the cases really differ
+
+
+def test_matches_the_official_call_literally():
+    rng = np.random.default_rng(1)
+    gt, pred, mask = _random_case(rng, size=64)
+    rng_ = pred.max() - pred.min()
+    assert S.ssim(gt, pred) == structural_similarity(gt, pred, channel_axis=-1, data_range=rng_)
+    assert S.masked_ssim(gt, pred, mask) == structural_similarity(gt[mask], pred[mask], channel_axis=-1,
+                                                                  data_range=rng_)
+
+
+def test_masked_term_depends_on_row_major_order():
+    rng = np.random.default_rng(2)
+    gt, pred, mask = _random_case(rng)
+    rows, cols = np.nonzero(mask)
+    col_major = np.lexsort((rows, cols))
+    r = float(pred.max()) - float(pred.min())
+    by_column = np.mean([ref_ssim_channel(gt[rows, cols][col_major, c], pred[rows, cols][col_major, c], r)
+                         for c in range(3)])
+    assert S.masked_ssim(gt, pred, mask) != pytest.approx(by_column, abs=1e-3)
+
+
+# ----------------------------------------------------------------------------------- known values
+@pytest.mark.parametrize("name", ["astronaut", "coffee", "chelsea"])
+def test_identical_images_score_one(name):
+    img = _photo(name)
+    mask = np.zeros(img.shape[:2], bool)
+    mask[10:30, 20:40] = True
+    out = S.score_image(img, img.copy(), mask)
+    assert out == {"score": pytest.approx(1.0), "ssim": pytest.approx(1.0), "masked_ssim": pytest.approx(1.0),
+                   "hist_sim": pytest.approx(1.0), "degenerate": []}
+
+
+@pytest.mark.parametrize("name", ["astronaut", "coffee", "chelsea", "rocket"])
+def test_red_blue_swap_lowers_hist_sim(name):
+    img = _photo(name)
+    assert S.hist_sim(img, img[..., ::-1].copy()) < 0.5
+
+
+def test_gray_prediction_has_hue_zero_only():
+    img = _photo("coffee")
+    gray = np.repeat(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)[..., None], 3, axis=2)
+    assert S.hist_sim(img, gray) == pytest.approx(ref_hist_sim(img, gray), abs=1e-6)
+    assert S.hist_sim(img, gray) < 0.5
+
+
+# ----------------------------------------------------------------------------------- edge cases
+def test_fewer_than_seven_hole_pixels():
+    img = _photo("astronaut")
+    pred = np.clip(img.astype(int) + 20, 0, 255).astype(np.uint8)
+    mask = np.zeros(img.shape[:2], bool)
+    with pytest.raises(ValueError):  # what the official call does
+        structural_similarity(img[mask], pred[mask], channel_axis=-1, data_range=255)
+    for n in (0, 1, 6):
+        mask = np.zeros(img.shape[:2], bool)
+        mask.flat[:n] = True
+        out = S.score_image(img, pred, mask)
+        assert out["masked_ssim"] == 0.0 and out["degenerate"] == ["small_hole"]
+        assert out["ssim"] == pytest.approx(ref_ssim(img, pred), abs=1e-6)
+    mask.flat[:7] = True
+    out = S.score_image(img, pred, mask)
+    assert out["degenerate"] == [] and out["masked_ssim"] == pytest.approx(ref_masked_ssim(img, pred, mask), abs=1e-6)
+
+
+def test_constant_prediction():
+    img = _photo("chelsea")
+    img[40:60, 40:60] = 77  # flat gt windows: 0/0 there once C1 = C2 = 0
+    pred = np.full_like(img, 128)
+    mask = np.zeros(img.shape[:2], bool)
+    mask[5:25, 5:25] = True
+    with np.errstate(invalid="ignore", divide="ignore"):
+        official = structural_similarity(img, pred, channel_axis=-1, data_range=0)
+    assert np.isnan(official)  # what the official call gives
+    out = S.score_image(img, pred, mask)
+    assert out["ssim"] == 0.0 and out["masked_ssim"] == 0.0
+    assert out["degenerate"] == ["constant_prediction"]
+    assert out["hist_sim"] == pytest.approx(ref_hist_sim(img, pred), abs=1e-6)
+    assert out["score"] == pytest.approx(0.4 * out["hist_sim"])
+    both = S.score_image(img, pred, np.zeros(img.shape[:2], bool))
+    assert both["degenerate"] == ["small_hole", "constant_prediction"]
+
+
+def test_uint8_mask_is_accepted():
+    img = _photo("rocket")
+    pred = img[::-1].copy()
+    mask = np.zeros(img.shape[:2], bool)
+    mask[3:40, 9:30] = True
+    assert S.masked_ssim(img, pred, np.where(mask, 255, 0).astype(np.uint8)) == S.masked_ssim(img, pred, mask)
+
+
+@pytest.mark.parametrize("gt, pred, mask, message", [
+    (np.zeros((32, 32, 3), np.float32), np.zeros((32, 32, 3), np.uint8), None, "gt: expected dtype uint8, got float32"),
+    (np.zeros((32, 32, 3), np.uint8), np.zeros((32, 32), np.uint8), None, r"pred: expected an RGB array .*\(32, 32\)"),
+    (np.zeros((32, 32, 4), np.uint8), np.zeros((32, 32, 4), np.uint8), None, "gt: expected an RGB array"),
+    (np.zeros((32, 32, 3), np.uint8), np.zeros((32, 16, 3), np.uint8), None, "shape mismatch"),
+    (np.zeros((6, 32, 3), np.uint8), np.zeros((6, 32, 3), np.uint8), None, "smaller than the 7x7"),
+    (np.zeros((32, 32, 3), np.uint8), np.zeros((32, 32, 3), np.uint8), np.zeros((32, 31), bool), "mask: expected shape"),
+    (np.zeros((32, 32, 3), np.uint8), np.zeros((32, 32, 3), np.uint8), np.zeros((32, 32)), "mask: expected a bool"),
+    (np.zeros((32, 32, 3), np.uint8), np.zeros((32, 32, 3), np.uint8), np.ones((32, 32), np.uint8), "mask: expected a bool"),
+])
+def test_bad_inputs(gt, pred, mask, message):
+    with pytest.raises(ValueError, match=message):
+        S.score_image(gt, pred, np.zeros(gt.shape[:2], bool) if mask is None else mask)
+
+
+# ----------------------------------------------------------------------------------- aggregation (DDP sums)
+def test_summarize_and_sums_add_up_across_ranks():
+    rng = np.random.default_rng(3)
+    items = [S.score_image(*_random_case(rng)) for _ in range(5)]
+    img = _photo("astronaut")
+    items.append(S.score_image(img, np.zeros_like(img), np.zeros(img.shape[:2], bool)))  # degenerate
+    whole = S.summarize(items)
+    assert whole["n"] == 6 and whole["n_degenerate"] == 1
+    for name in ("score", "ssim", "masked_ssim", "hist_sim"):
+        assert whole[name] == pytest.approx(np.mean([it[name] for it in items]))
+    # two "ranks" all-reducing their sums give the same summary
+    rank0, rank1 = S.score_sums(items[:2]), S.score_sums(items[2:])
+    assert len(rank0) == len(S.SCORE_FIELDS)
+    reduced = [a + b for a, b in zip(rank0, rank1)]
+    assert S.summarize_sums(reduced) == pytest.approx(whole)
+    with pytest.raises(ValueError, match="no images"):
+        S.summarize([])
+    with pytest.raises(ValueError, match="expected 6 sums"):
+        S.summarize_sums([1.0, 2.0])
