@@ -265,10 +265,10 @@ def detect_mask(
         if sizes[label] > best_area:
             best_area, best_value, best_region = int(sizes[label]), value, labels == label
     if best_region is None or best_area < need:
+        found = f"the largest has {best_area} px (value {best_value})" if best_region is not None else "none is close"
         raise NoDamageFound(
-            f"no constant-gray region of at least {need} px "
-            f"({min_fraction:.1%} of the image or {min_pixels} px); the largest has {best_area} px"
-            + (f" (value {best_value})" if best_value >= 0 else "")
+            f"no region of one constant gray of at least {need} px "
+            f"({min_fraction:.1%} of the image, at least {min_pixels} px): {found}"
         )
     if best_area > max_fraction * total:
         raise NoDamageFound(
