@@ -22,6 +22,7 @@ CTLD_PORT=${RESTORE_SLURM_CTLD_PORT:-6817}
 SLURMD_PORT0=${RESTORE_SLURM_SLURMD_PORT:-6821}   # node k listens on SLURMD_PORT0 + k - 1
 MAX_TIME_MIN=60
 WAIT_S=${RESTORE_SLURM_WAIT_S:-90}
+CONF_CHANGED=0
 
 log() { echo "local_cluster: $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -85,6 +86,8 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
+# Requeued jobs wait cred_expire+1 s before they may start again (default 120): keep tests quick.
+AuthInfo=cred_expire=10
 StateSaveLocation=$STATE/ctld
 SlurmdSpoolDir=$STATE/spool/%n
 SlurmctldPidFile=$STATE/slurmctld.pid
@@ -101,6 +104,8 @@ MpiDefault=none
 MailProg=/bin/true
 SwitchType=switch/none
 SchedulerType=sched/backfill
+# Look at pending (e.g. requeued) jobs every few seconds rather than every minute.
+SchedulerParameters=sched_interval=5,bf_interval=5
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 # A node that went down comes back by itself; batch jobs may be requeued (preemption, scontrol requeue).
@@ -121,7 +126,7 @@ EOF
         echo "PartitionName=debug Nodes=$(IFS=,; echo "${NODES[*]}") Default=YES MaxTime=$MAX_TIME_MIN State=UP OverSubscribe=NO"
     } >"$tmp"
     chmod 0644 "$tmp"
-    mv -f "$tmp" "$CONF"
+    if cmp -s "$tmp" "$CONF"; then rm -f "$tmp"; else mv -f "$tmp" "$CONF"; CONF_CHANGED=1; fi
 }
 
 pid_alive() { [[ -s $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
@@ -135,6 +140,11 @@ start_daemons() {
         touch "$STATE/munged.ours"   # `down` stops only a munged that `up` started
         for _ in $(seq 50); do munge_ok && break; sleep 0.2; done
         munge_ok || die "munged does not answer; see $STATE/log/munged.log"
+    fi
+    if ((CONF_CHANGED)); then
+        # Some settings (ports, cred_expire) are read only at start: restart rather than reconfigure.
+        # Running jobs survive (state is saved, slurmstepd lives on).
+        stop_slurm_daemons
     fi
     if ! pid_alive "$STATE/slurmctld.pid"; then
         log "starting slurmctld"
@@ -193,6 +203,12 @@ stop_pidfile() {   # stop_pidfile NAME PIDFILE: TERM, wait, then KILL
     rm -f "$f"
 }
 
+stop_slurm_daemons() {
+    local n
+    for n in "${NODES[@]}"; do stop_pidfile "slurmd $n" "$STATE/slurmd-$n.pid"; done
+    stop_pidfile slurmctld "$STATE/slurmctld.pid"
+}
+
 down() {
     need_root
     if [[ -e $CONF ]] && grep -qF "$MARK" "$CONF" && pid_alive "$STATE/slurmctld.pid"; then
@@ -203,9 +219,7 @@ down() {
             for _ in $(seq 60); do [[ -z $(squeue -h -o %i 2>/dev/null) ]] && break; sleep 1; done
         fi
     fi
-    local n
-    for n in "${NODES[@]}"; do stop_pidfile "slurmd $n" "$STATE/slurmd-$n.pid"; done
-    stop_pidfile slurmctld "$STATE/slurmctld.pid"
+    stop_slurm_daemons
     # Steps whose slurmd is gone (a crash, a timeout above) would run on: none may outlive `down`.
     local left
     left=$(pgrep -x slurmstepd || true)
