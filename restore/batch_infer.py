@@ -1,0 +1,724 @@
+"""Ray batch inference: restore a packed test set (or a folder of damaged gray PNGs) and build the submission zip.
+
+    python -m restore.batch_infer --shards data/shards/test --checkpoint runs/exp1 --out submission.zip
+    python -m restore.batch_infer --images scans/ --out restored.zip --png-dir restored/ --skip-bad
+
+Pipeline (Ray Data, streaming, so a test set of millions never sits in memory):
+
+    from_items(one item per shard) -> flat_map(read + decode)      one read task per shard, CPU
+      -> map_batches(RestoreWorker, ActorPoolStrategy(size=N))      the model, loaded once per actor; GPU or CPU
+      -> map_batches(write_outputs)                                  PNG encode + atomic write (+ score), CPU tasks
+      -> the driver: progress bar, bad keys, summary, then the zip
+
+Reading goes through ``shards.reader.decode_sample`` on webdataset's raw per-key dicts rather than
+``ray.data.read_webdataset``: the project's decoder is the one place that checks a sample (mode L input, mask, sizes)
+and names the key and the shard in its errors, and decoding per sample lets one corrupt member become one bad key
+(``--skip-bad``) instead of a failed read task. PNG encoding is a separate CPU stage so a GPU actor never waits on
+zlib, and the encoders scale with the cluster's CPUs independently of the number of model actors.
+
+Exactly-once and resumable: each ``KEY.png`` is written to a temp name and renamed, so an existing ``KEY.png`` is
+complete; a rerun skips those keys (their input is read only for its size), deletes leftover temp files, and the
+zip is written to a temp name, verified (flat; names and count equal the manifest's keys; every entry decodes as RGB
+of its input's size) and only then renamed to ``--out``.
+
+Compositing (``--no-composite`` turns it off): outside the hole the input is exactly PIL ``convert('L')`` of the
+original, so the worker re-imposes it on the prediction (``restore.composite``: shift R, G, B by the same integer,
+i.e. replace Y and keep Cb/Cr, bit-exact with PIL's L); inside the hole the prediction stands. ``docs/inference.md``
+has the measurement behind the default.
+
+Ray: by default a local Ray with this machine's CPUs (and GPUs); ``--address auto`` (or ``HOST:PORT`` /
+``ray://HOST:10001``) joins a running cluster. Across a SLURM allocation (see ``slurm/ray_cluster.sh``):
+
+    head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+    srun -N1 -n1 -w "$head" ray start --head --port=6379 --num-gpus=$GPUS --block &
+    srun -N$((SLURM_JOB_NUM_NODES-1)) -n$((SLURM_JOB_NUM_NODES-1)) -x "$head" \\
+         ray start --address="$head:6379" --num-gpus=$GPUS --block &
+    python -m restore.batch_infer --address "$head:6379" --shards ... --workers $((SLURM_JOB_NUM_NODES*GPUS))
+
+The shards, the checkpoints, ``--png-dir`` and ``--out`` must then be on a filesystem every node sees.
+
+Exit codes: 0 done (with ``--skip-bad`` possibly without the bad keys, listed in ``bad_keys.json``), 2 bad input
+(missing/empty shards dir, corrupt sample, missing mask, missing or mismatched checkpoint, no run found),
+1 an internal failure.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import re
+import socket
+import sys
+import tempfile
+import time
+import zipfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from shards import schema
+from shards.damage import NoDamageFound, detect_mask
+from shards.reader import decode_sample, read_manifest, shard_paths
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 1
+BAD_KEYS_NAME = "bad_keys.json"
+IMAGES_PER_READ_TASK = 64  # --images mode: files per read task (one task per shard in --shards mode)
+TODO, DONE, BAD = "todo", "done", "bad"
+SCORE_TERMS = ("score", "ssim", "masked_ssim", "hist_sim")
+# schema.atomic_write_bytes names its temp files ".KEY.png.<random>.tmp"
+_TEMP_PNG = re.compile(r"^\..+\.png\..+\.tmp$")
+
+_EMPTY_GRAY = np.zeros((0, 0), np.uint8)
+_EMPTY_RGB = np.zeros((0, 0, 3), np.uint8)
+
+
+class BadInput(Exception):
+    """A problem with the user's input; the message names the file and the problem (exit 2)."""
+
+
+# ---------------------------------------------------------------------------------------------- planning (driver)
+@dataclass
+class Plan:
+    """What to restore: the expected keys (the zip must hold exactly these) and the read tasks' items."""
+
+    kind: str  # "shards" | "images"
+    source: Path
+    keys: list[str]
+    items: list[dict] = field(default_factory=list)
+
+
+def plan_shards(split_dir: str | os.PathLike) -> Plan:
+    split_dir = Path(split_dir)
+    try:
+        manifest = read_manifest(split_dir)
+        paths = shard_paths(split_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        raise BadInput(str(exc)) from exc
+    items, keys = [], []
+    for entry, path in zip(manifest["shards"], paths):
+        shard_keys = list(entry.get("keys") or [])
+        if not shard_keys and entry.get("count"):
+            raise BadInput(f"{split_dir / schema.MANIFEST_NAME}: shard {entry['name']} lists no keys")
+        items.append({"kind": "shard", "path": str(path), "keys": shard_keys})
+        keys.extend(shard_keys)
+    duplicates = sorted({k for k in keys if keys.count(k) > 1}) if len(set(keys)) != len(keys) else []
+    if duplicates:
+        raise BadInput(f"{split_dir / schema.MANIFEST_NAME}: keys listed twice: {', '.join(duplicates[:10])}")
+    if not keys:
+        raise BadInput(f"{split_dir / schema.MANIFEST_NAME}: the manifest lists no samples (empty split)")
+    return Plan("shards", split_dir, keys, items)
+
+
+def plan_images(image_dir: str | os.PathLike) -> Plan:
+    """Every ``*.png`` directly in ``image_dir``; the key (and output name) is the file's stem."""
+    image_dir = Path(image_dir)
+    if not image_dir.is_dir():
+        raise BadInput(f"image directory {image_dir} does not exist")
+    files = sorted(p for p in image_dir.iterdir() if p.is_file() and p.suffix.lower() == ".png")
+    if not files:
+        raise BadInput(f"image directory {image_dir} holds no .png files")
+    stems: dict[str, Path] = {}
+    for p in files:
+        if p.stem in stems:
+            raise BadInput(f"{image_dir}: {stems[p.stem].name} and {p.name} would both be written as {p.stem}.png")
+        stems[p.stem] = p
+    items = []
+    for i in range(0, len(files), IMAGES_PER_READ_TASK):
+        chunk = files[i : i + IMAGES_PER_READ_TASK]
+        items.append({"kind": "images", "paths": [str(p) for p in chunk], "keys": [p.stem for p in chunk]})
+    return Plan("images", image_dir, [p.stem for p in files], items)
+
+
+def finished_keys(png_dir: Path) -> set[str]:
+    """Keys whose ``KEY.png`` exists in ``png_dir`` (complete by construction: temp + rename)."""
+    if not png_dir.is_dir():
+        return set()
+    return {p.stem for p in png_dir.iterdir() if p.suffix == ".png" and not p.name.startswith(".")}
+
+
+def remove_temp_files(png_dir: Path) -> int:
+    """Delete temp files a crashed run left behind; returns how many."""
+    if not png_dir.is_dir():
+        return 0
+    leftovers = [p for p in png_dir.iterdir() if _TEMP_PNG.match(p.name)]
+    for p in leftovers:
+        p.unlink(missing_ok=True)
+    return len(leftovers)
+
+
+def newest_run(runs_dir: Path) -> Path:
+    """The run dir under ``runs_dir`` whose checkpoints changed last (its best.pt is then used)."""
+    candidates = []
+    if runs_dir.is_dir():
+        for run in runs_dir.iterdir():
+            ckpt_dir = run / "checkpoints"
+            if ckpt_dir.is_dir():
+                files = [p for p in ckpt_dir.iterdir() if p.suffix == ".pt" or p.name == "latest"]
+                if files:
+                    candidates.append((max(p.stat().st_mtime for p in files), run))
+    if not candidates:
+        raise BadInput(f"no --checkpoint given and no run with checkpoints under {runs_dir.resolve()}")
+    return max(candidates)[1]
+
+
+def resolve_checkpoints(given: Sequence[str] | None, runs_dir: Path) -> list[Path]:
+    from restore.model import resolve_checkpoint
+
+    if not given:
+        run = newest_run(runs_dir)
+        given = [str(run)]
+        print(f"checkpoint: none given, using the newest run {run} (its best.pt, else its latest)")
+    resolved = []
+    for value in given:
+        try:
+            resolved.append(resolve_checkpoint(value).resolve())
+        except (FileNotFoundError, ValueError) as exc:
+            raise BadInput(f"--checkpoint {value}: {exc}") from exc
+    return resolved
+
+
+def check_checkpoints(paths: Sequence[Path]) -> list[dict]:
+    """Load each checkpoint once in the driver so a missing or mismatched one fails before any Ray work starts."""
+    from restore.model import load_restorer
+
+    specs = []
+    for path in paths:
+        try:
+            model, info = load_restorer(path, map_location="cpu")
+        except (FileNotFoundError, ValueError, RuntimeError, KeyError) as exc:
+            raise BadInput(f"checkpoint {path}: {exc}") from exc
+        specs.append({"path": str(path), "spec": model.spec.to_dict(), "weights": info.get("weights_used")})
+        del model
+    return specs
+
+
+# ---------------------------------------------------------------------------------------------- read stage (tasks)
+def _row(key: str, where: str, status: str, *, error: str = "", note: str = "", size: tuple[int, int] = (0, 0),
+         gray: np.ndarray = _EMPTY_GRAY, mask: np.ndarray = _EMPTY_GRAY, gt: np.ndarray | None = None,
+         with_gt: bool = False) -> dict:
+    row = {"key": key, "where": where, "status": status, "error": error, "note": note,
+           "height": int(size[0]), "width": int(size[1]), "input": gray, "mask": mask}
+    if with_gt:
+        row["gt"] = gt if gt is not None else _EMPTY_RGB
+    return row
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    with Image.open(io.BytesIO(data)) as img:  # reads the header only
+        return img.height, img.width
+
+
+def read_item(item: dict, *, with_gt: bool) -> Iterator[dict]:
+    """Rows of one read item (a shard or a chunk of image files); never raises for bad data, emits ``bad`` rows."""
+    if item["kind"] == "shard":
+        yield from _read_shard(item, with_gt=with_gt)
+    else:
+        yield from _read_images(item)
+
+
+def _read_shard(item: dict, *, with_gt: bool) -> Iterator[dict]:
+    import webdataset as wds
+
+    path, expected, done = item["path"], set(item["keys"]), set(item.get("done", ()))
+    seen: set[str] = set()
+    try:
+        dataset = wds.WebDataset([path], shardshuffle=False, nodesplitter=None, workersplitter=None,
+                                 empty_check=False)
+        for raw in dataset:
+            key = raw.get("__key__", "?")
+            if key not in expected:
+                yield _row(key, path, BAD, error=f"{path}: sample {key!r} is not in the manifest", with_gt=with_gt)
+                continue
+            if key in seen:
+                yield _row(key, path, BAD, error=f"{path}: sample {key!r} appears twice", with_gt=with_gt)
+                continue
+            seen.add(key)
+            if key in done and not with_gt:
+                try:  # finished already: only the size is needed, for verifying the zip
+                    yield _row(key, path, DONE, size=_png_size(raw[schema.INPUT_EXT]))
+                except Exception as exc:  # a missing or corrupt input member
+                    yield _row(key, path, BAD, error=f"sample {key!r} in {path}: {schema.INPUT_EXT}: {exc}")
+                continue
+            try:
+                sample = decode_sample(raw)
+            except ValueError as exc:
+                yield _row(key, path, BAD, error=str(exc), with_gt=with_gt)
+                continue
+            if with_gt and sample.gt is None:
+                yield _row(key, path, BAD, error=f"sample {key!r} in {path} has no gt (--score needs it)",
+                           with_gt=with_gt)
+                continue
+            yield _row(key, path, DONE if key in done else TODO, size=sample.input.shape, gray=sample.input,
+                       mask=sample.mask.astype(np.uint8), gt=sample.gt, with_gt=with_gt)
+    except Exception as exc:  # the tar itself is unreadable (truncated, not a tar)
+        for key in sorted(expected - seen):
+            yield _row(key, path, BAD, error=f"{path}: unreadable shard ({type(exc).__name__}: {exc}); "
+                                             f"sample {key!r} not read", with_gt=with_gt)
+        return
+    for key in sorted(expected - seen):
+        yield _row(key, path, BAD, error=f"{path}: sample {key!r} is in the manifest but not in the shard",
+                   with_gt=with_gt)
+
+
+def load_gray_png(path: str) -> np.ndarray:
+    """A damaged input file as uint8 [H,W]: mode L, or RGB with R == G == B; ``ValueError`` naming it otherwise."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            array = np.asarray(img)
+    except Exception as exc:
+        raise ValueError(f"{path}: cannot read PNG ({exc})") from exc
+    if mode == "L":
+        return array
+    if mode == "RGB" and (array[..., 0] == array[..., 1]).all() and (array[..., 1] == array[..., 2]).all():
+        return np.ascontiguousarray(array[..., 0])
+    raise ValueError(f"{path}: expected a gray PNG (mode L), got mode {mode}")
+
+
+def _read_images(item: dict) -> Iterator[dict]:
+    done = set(item.get("done", ()))
+    for path, key in zip(item["paths"], item["keys"]):
+        if key in done:
+            try:
+                with Image.open(path) as img:
+                    yield _row(key, path, DONE, size=(img.height, img.width))
+            except Exception as exc:
+                yield _row(key, path, BAD, error=f"{path}: cannot read PNG ({exc})")
+            continue
+        try:
+            gray = load_gray_png(path)
+        except ValueError as exc:
+            yield _row(key, path, BAD, error=str(exc))
+            continue
+        note = ""
+        try:
+            mask, _fill = detect_mask(gray)
+        except NoDamageFound as exc:  # an undamaged photo still gets colorized
+            mask, note = np.zeros(gray.shape, bool), f"no damage detected ({exc}); colorized only"
+        yield _row(key, path, TODO, note=note, size=gray.shape, gray=gray, mask=mask.astype(np.uint8))
+
+
+# ---------------------------------------------------------------------------------------------- the model (actors)
+class Engine:
+    """The checkpoints on one device: ``restore(gray, mask) -> rgb uint8`` with averaging, TTA and compositing.
+
+    Used by the Ray actors and by ``bench/infer_throughput.py``'s plain loop, so both run the same numerics.
+    """
+
+    def __init__(self, checkpoints: Sequence[str | os.PathLike], *, tta: bool = False, composite: bool = True,
+                 device: str | None = None) -> None:
+        import torch
+
+        from restore.model import load_restorer
+
+        self.torch = torch
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.cuda = self.device.type == "cuda"
+        self.tta, self.composite = tta, composite
+        self.models = []
+        for path in checkpoints:
+            model, _ = load_restorer(path, map_location=self.device)
+            if self.cuda:  # channels_last convolutions are the fast path for bf16 on tensor cores
+                model = model.to(memory_format=torch.channels_last)
+            self.models.append(model.eval())
+        self.forward_passes = 0  # images x models x flips, for the summary and the tests
+
+    def restore(self, gray: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """``gray`` uint8 [B,H,W], ``mask`` [B,H,W] (nonzero = hole) -> RGB uint8 [B,H,W,3]."""
+        torch = self.torch
+        g8 = torch.from_numpy(np.ascontiguousarray(gray, dtype=np.uint8)).to(self.device, non_blocking=True)
+        hole = torch.from_numpy(np.ascontiguousarray(mask).astype(bool)).to(self.device, non_blocking=True)
+        x = (g8.float() / 255.0)[:, None]
+        m = hole.float()[:, None]
+        if self.cuda:
+            x, m = x.contiguous(memory_format=torch.channels_last), m.contiguous(memory_format=torch.channels_last)
+        views = [False, True] if self.tta else [False]
+        total = None
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda):
+            for model in self.models:
+                for flip in views:
+                    xi, mi = (x.flip(-1), m.flip(-1)) if flip else (x, m)
+                    _, rgb = model(xi, mi)
+                    rgb = rgb.float()
+                    rgb = rgb.flip(-1) if flip else rgb
+                    total = rgb if total is None else total + rgb
+                    self.forward_passes += int(x.shape[0])
+            rgb = total / (len(self.models) * len(views))
+            out = (rgb.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+            if self.composite:
+                from restore.composite import composite_luma
+
+                out = composite_luma(out, g8, ~hole)
+        return out.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+class RestoreWorker:
+    """One Ray actor: the engine loaded once; restores the ``todo`` rows of each batch, passes the others on."""
+
+    def __init__(self, checkpoints: Sequence[str], tta: bool, composite: bool, keep_gt: bool) -> None:
+        import torch
+
+        if not torch.cuda.is_available():
+            # Ray sets OMP_NUM_THREADS to the actor's num_cpus; make torch's intra-op pool follow it.
+            torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        self.engine = Engine(checkpoints, tta=tta, composite=composite)
+        self.keep_gt = keep_gt
+        self.name = f"{socket.gethostname()}:{os.getpid()}:{self.engine.device}"
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["key"])
+        rgb = [_EMPTY_RGB] * n
+        infer_s = np.zeros(n, np.float64)
+        todo = [i for i in range(n) if batch["status"][i] == TODO]
+        by_shape: dict[tuple, list[int]] = defaultdict(list)
+        for i in todo:
+            by_shape[tuple(batch["input"][i].shape)].append(i)
+        for idx in by_shape.values():
+            start = time.perf_counter()
+            out = self.engine.restore(np.stack([batch["input"][i] for i in idx]),
+                                      np.stack([batch["mask"][i] for i in idx]))
+            per_image = (time.perf_counter() - start) / len(idx)
+            for j, i in enumerate(idx):
+                rgb[i], infer_s[i] = out[j], per_image
+        result = {k: batch[k] for k in ("key", "where", "status", "error", "note", "height", "width")}
+        result["rgb"] = _object_array(rgb)
+        result["worker"] = np.array([self.name if s == TODO else "" for s in batch["status"]], dtype=object)
+        result["infer_s"] = infer_s
+        if self.keep_gt:
+            result["gt"], result["mask"] = batch["gt"], batch["mask"]
+        return result
+
+
+def _object_array(arrays: list[np.ndarray]) -> np.ndarray:
+    out = np.empty(len(arrays), dtype=object)
+    out[:] = arrays
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- write stage (tasks)
+def write_outputs(batch: dict[str, np.ndarray], *, png_dir: str, score: bool) -> dict[str, np.ndarray]:
+    """Encode and atomically write each restored image as ``png_dir/KEY.png``; score it against gt if asked."""
+    n = len(batch["key"])
+    encode_s = np.zeros(n, np.float64)
+    terms = {t: np.full(n, np.nan) for t in SCORE_TERMS}
+    degenerate = np.array([""] * n, dtype=object)
+    for i in range(n):
+        status, key = batch["status"][i], batch["key"][i]
+        pred = None
+        if status == TODO:
+            start = time.perf_counter()
+            pred = np.asarray(batch["rgb"][i], dtype=np.uint8)
+            schema.atomic_write_bytes(Path(png_dir) / f"{key}.png", schema.encode_png(pred, "RGB"))
+            encode_s[i] = time.perf_counter() - start
+        elif status == DONE and score:
+            pred = schema.decode_png((Path(png_dir) / f"{key}.png").read_bytes(), "RGB", f"{png_dir}/{key}.png")
+        if score and pred is not None:
+            from restore.score import score_image
+
+            result = score_image(np.asarray(batch["gt"][i]), pred, np.asarray(batch["mask"][i]).astype(bool))
+            for t in SCORE_TERMS:
+                terms[t][i] = result[t]
+            degenerate[i] = ",".join(result["degenerate"])
+    out = {k: batch[k] for k in ("key", "where", "status", "error", "note", "height", "width", "worker",
+                                 "infer_s")}
+    out["encode_s"] = encode_s
+    out["degenerate"] = degenerate
+    out.update(terms)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the zip (driver)
+def build_zip(png_dir: Path, keys: Sequence[str], sizes: dict[str, tuple[int, int]], out: Path,
+              comment: str = "") -> None:
+    """Write ``out`` (flat, one ``KEY.png`` per key) via a temp name; verify it before the rename."""
+    missing = [k for k in keys if not (png_dir / f"{k}.png").is_file()]
+    if missing:
+        raise RuntimeError(f"{png_dir}: {len(missing)} restored images are missing: {', '.join(missing[:10])}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        # PNG is compressed already: storing is as small and much faster than deflating again.
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+            for key in keys:
+                zf.write(png_dir / f"{key}.png", arcname=f"{key}.png")
+            zf.comment = comment.encode()[:65535]
+        verify_zip(tmp, keys, sizes)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def verify_zip(path: Path, keys: Sequence[str], sizes: dict[str, tuple[int, int]]) -> None:
+    """Flat; names and count exactly ``KEY.png`` per key; each entry decodes as RGB of its input's (H, W)."""
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+        expected = {f"{k}.png" for k in keys}
+        nested = [n for n in names if "/" in n or "\\" in n]
+        if nested or len(names) != len(expected) or set(names) != expected:
+            extra, lacking = sorted(set(names) - expected), sorted(expected - set(names))
+            raise RuntimeError(f"{path}: zip check failed: {len(names)} entries for {len(expected)} keys; "
+                               f"nested {nested[:5]}, unexpected {extra[:5]}, missing {lacking[:5]}")
+        for name in names:
+            with zf.open(name) as member, Image.open(member) as img:
+                img.load()
+                if img.mode != "RGB":
+                    raise RuntimeError(f"{path}: {name} is mode {img.mode}, not RGB")
+                want = sizes.get(name[: -len(".png")])
+                if want is not None and (img.height, img.width) != tuple(want):
+                    raise RuntimeError(f"{path}: {name} is {img.width}x{img.height}, its input is "
+                                       f"{want[1]}x{want[0]}")
+
+
+# ---------------------------------------------------------------------------------------------- the driver
+def default_png_dir(out: Path) -> Path:
+    return out.with_name(out.stem + "_png")
+
+
+def start_ray(address: str | None, need_gpus: bool) -> bool:
+    """Connect to (or start) Ray; returns True when this call started it (so the caller shuts it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    quiet = dict(include_dashboard=False, logging_level=logging.WARNING, configure_logging=True)
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(num_cpus=os.cpu_count(), **quiet)
+    return True
+
+
+def configure_ray_data() -> None:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # ours (tqdm over finished batches) replaces Ray's per-operator bars
+    ctx.print_on_execution_start = False
+    ctx.enable_auto_log_stats = False
+    ctx.execution_options.preserve_order = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def pool_resources(workers: int | None, gpus_per_worker: float | None, cpus_per_worker: float | None,
+                   ) -> tuple[int, float, float]:
+    """Default to one actor per GPU (or one CPU actor), and refuse what the cluster cannot place (no hang)."""
+    import ray
+
+    total = ray.cluster_resources()
+    gpus, cpus = float(total.get("GPU", 0)), float(total.get("CPU", 1))
+    if gpus_per_worker is None:
+        gpus_per_worker = 1.0 if gpus >= 1 else 0.0
+    if workers is None:
+        workers = max(1, int(gpus // gpus_per_worker)) if gpus_per_worker > 0 else 1
+    if cpus_per_worker is None:
+        # GPU actors only feed the device; CPU actors get the CPUs but one, which the read/write tasks need.
+        cpus_per_worker = 1.0 if gpus_per_worker > 0 else max(1.0, float(int((cpus - 1) // workers)))
+    if workers * gpus_per_worker > gpus + 1e-9:
+        raise BadInput(f"--workers {workers} x --gpus-per-worker {gpus_per_worker} needs "
+                       f"{workers * gpus_per_worker:g} GPUs; the Ray cluster has {gpus:g}")
+    if workers * cpus_per_worker > cpus - 1 + 1e-9 and not (workers == 1 and cpus_per_worker <= cpus):
+        raise BadInput(f"--workers {workers} x {cpus_per_worker:g} CPUs leaves no CPU for reading and writing; "
+                       f"the Ray cluster has {cpus:g} CPUs")
+    return workers, gpus_per_worker, cpus_per_worker
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The whole job; returns the summary. Raises ``BadInput`` for the user's mistakes."""
+    started = time.perf_counter()
+    plan = plan_shards(args.shards) if args.shards else plan_images(args.images)
+    if args.score and plan.kind != "shards":
+        raise BadInput("--score needs --shards with gt members (a folder of images has no ground truth)")
+    checkpoints = resolve_checkpoints(args.checkpoint, Path(args.runs_dir))
+    specs = check_checkpoints(checkpoints)
+    for s in specs:
+        print(f"checkpoint: {s['path']} ({s['weights']} weights, encoder {s['spec']['encoder']}, "
+              f"color_mode {s['spec']['color_mode']})")
+
+    out = Path(args.out) if args.out else None
+    png_dir = Path(args.png_dir) if args.png_dir else default_png_dir(out)
+    png_dir.mkdir(parents=True, exist_ok=True)
+    removed = remove_temp_files(png_dir)
+    done = finished_keys(png_dir) & set(plan.keys)
+    print(f"{plan.kind}: {plan.source}: {len(plan.keys)} images; {len(done)} already in {png_dir}"
+          + (f"; removed {removed} leftover temp files" if removed else ""))
+    for item in plan.items:
+        item["done"] = [k for k in item["keys"] if k in done]
+
+    import ray
+    import ray.data
+
+    own_ray = start_ray(args.address, need_gpus=bool(args.gpus_per_worker))
+    try:
+        configure_ray_data()
+        workers, gpus_per_worker, cpus_per_worker = pool_resources(args.workers, args.gpus_per_worker,
+                                                                   args.cpus_per_worker)
+        print(f"ray: {workers} worker(s) x ({gpus_per_worker:g} GPU, {cpus_per_worker:g} CPU), "
+              f"batch {args.batch_size}, tta {'on' if args.tta else 'off'}, "
+              f"composite {'on' if args.composite else 'off'}, {len(checkpoints)} checkpoint(s)")
+        ds = ray.data.from_items(plan.items, override_num_blocks=len(plan.items))
+        ds = ds.flat_map(read_item, fn_kwargs={"with_gt": args.score})
+        ds = ds.map_batches(
+            RestoreWorker,
+            fn_constructor_kwargs={"checkpoints": [str(c) for c in checkpoints], "tta": args.tta,
+                                   "composite": args.composite, "keep_gt": args.score},
+            compute=ray.data.ActorPoolStrategy(size=workers),
+            batch_size=args.batch_size, batch_format="numpy", num_gpus=gpus_per_worker, num_cpus=cpus_per_worker,
+        )
+        ds = ds.map_batches(write_outputs, fn_kwargs={"png_dir": str(png_dir.resolve()), "score": args.score},
+                            batch_size=args.batch_size, batch_format="numpy")
+        rows = _consume(ds, len(plan.keys), skip_bad=args.skip_bad)
+    finally:
+        if own_ray:
+            ray.shutdown()
+    return _finish(args, plan, rows, png_dir, out, time.perf_counter() - started)
+
+
+def _consume(ds, total: int, *, skip_bad: bool) -> list[dict]:
+    """Drain the pipeline with a progress bar; the first bad key aborts unless ``skip_bad``."""
+    from tqdm import tqdm
+
+    rows: list[dict] = []
+    restored = 0
+    with tqdm(total=total, unit="img", desc="restore", file=sys.stderr, mininterval=1.0, smoothing=0.1) as bar:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for i in range(len(batch["key"])):
+                row = {k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()}
+                if row["status"] == BAD and not skip_bad:
+                    raise BadInput(f"{row['error']}\n(rerun with --skip-bad to restore the rest and list the "
+                                   f"bad keys; finished images are kept and will not be redone)")
+                rows.append(row)
+                restored += row["status"] == TODO
+            bar.update(len(batch["key"]))
+            bar.set_postfix(restored=restored, refresh=False)
+    return rows
+
+
+def _finish(args: argparse.Namespace, plan: Plan, rows: list[dict], png_dir: Path, out: Path | None,
+            elapsed: float) -> dict:
+    by_key: dict[str, dict] = {}
+    for row in rows:
+        if row["key"] in by_key and by_key[row["key"]]["status"] != BAD:
+            continue  # a duplicate copy inside a shard: the first good one counts
+        by_key[row["key"]] = row
+    unseen = [k for k in plan.keys if k not in by_key]
+    if unseen:
+        raise RuntimeError(f"the pipeline returned no row for {len(unseen)} keys: {', '.join(unseen[:10])}")
+    bad = [by_key[k] for k in plan.keys if by_key[k]["status"] == BAD]
+    bad += [r for r in rows if r["status"] == BAD and r["key"] not in set(plan.keys)]
+    good = [k for k in plan.keys if by_key[k]["status"] != BAD]
+    restored = [by_key[k] for k in good if by_key[k]["status"] == TODO]
+
+    per_worker: dict[str, dict] = defaultdict(lambda: {"images": 0, "busy_s": 0.0})
+    for r in restored:
+        per_worker[r["worker"]]["images"] += 1
+        per_worker[r["worker"]]["busy_s"] += float(r["infer_s"])
+    summary: dict[str, Any] = {
+        "images": len(plan.keys), "restored": len(restored), "already_done": len(good) - len(restored),
+        "bad": len(bad), "seconds": round(elapsed, 3),
+        "img_per_s": round(len(restored) / elapsed, 3) if elapsed > 0 else None,
+        "workers": {w: {**v, "img_per_s": round(v["images"] / v["busy_s"], 3) if v["busy_s"] else None}
+                    for w, v in sorted(per_worker.items())},
+        "png_dir": str(png_dir), "zip": None,
+        "notes": sorted({f"{by_key[k]['key']}: {by_key[k]['note']}" for k in good if by_key[k]["note"]}),
+    }
+
+    bad_path = (out.parent if out else png_dir) / BAD_KEYS_NAME
+    if bad:
+        listing = [{"key": r["key"], "where": r["where"], "error": r["error"]} for r in bad]
+        schema.atomic_write_json(bad_path, {"count": len(listing), "bad": listing, "zip_holds": len(good),
+                                            "expected": len(plan.keys)})
+        print(f"skipped {len(bad)} bad input(s) (listed in {bad_path}):")
+        for r in listing:
+            print(f"  {r['key']}: {r['error']}")
+    else:
+        bad_path.unlink(missing_ok=True)  # stale from an earlier run
+
+    if out is not None:
+        sizes = {k: (int(by_key[k]["height"]), int(by_key[k]["width"])) for k in good}
+        comment = (f"restore.batch_infer: {len(good)} of {len(plan.keys)} images; {len(bad)} bad inputs left out "
+                   f"(see {BAD_KEYS_NAME})" if bad else f"restore.batch_infer: all {len(good)} images")
+        build_zip(png_dir, good, sizes, out, comment)
+        summary["zip"] = str(out)
+        print(f"zip: {out}: {len(good)} images, verified" + (f" (WITHOUT the {len(bad)} bad keys)" if bad else ""))
+
+    if args.score:
+        from restore.score import summarize
+
+        scored = [{**{t: by_key[k][t] for t in SCORE_TERMS}, "degenerate": by_key[k]["degenerate"]} for k in good]
+        result = summarize(scored)
+        summary["score"] = result
+        print(f"score {result['score']:.4f}  ssim {result['ssim']:.4f}  masked_ssim {result['masked_ssim']:.4f}  "
+              f"hist_sim {result['hist_sim']:.4f}  (n={result['n']}, degenerate={result['n_degenerate']})")
+
+    for note in summary["notes"]:
+        print(f"note: {note}")
+    print(f"done: {summary['restored']} restored, {summary['already_done']} already done, {summary['bad']} bad, "
+          f"{elapsed:.1f}s, {summary['img_per_s'] or 0:.2f} img/s end to end")
+    for name, w in summary["workers"].items():
+        print(f"  worker {name}: {w['images']} images, {w['busy_s']:.2f}s in the model, "
+              f"{w['img_per_s'] or 0:.2f} img/s")
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m restore.batch_infer", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--shards", help="a packed split dir (manifest.json + tars), e.g. data/shards/test")
+    src.add_argument("--images", help="a folder of damaged gray PNGs; masks are detected on the fly")
+    p.add_argument("--checkpoint", action="append",
+                   help="checkpoint file or run dir (best.pt, else latest); repeat to average several models. "
+                        "Default: the newest run under --runs-dir")
+    p.add_argument("--runs-dir", default="runs", help="where to look for the newest run (default: ./runs)")
+    p.add_argument("--out", default="submission.zip", help="the zip to build (default: submission.zip)")
+    p.add_argument("--no-zip", dest="out", action="store_const", const="",
+                   help="only write PNGs (an archive of millions needs no zip)")
+    p.add_argument("--png-dir", help="where KEY.png files go (default: next to --out, OUTSTEM_png/)")
+    p.add_argument("--workers", type=int, help="model actors (default: one per GPU, else 1)")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs per actor (default: 1 if the cluster has GPUs, else 0)")
+    p.add_argument("--cpus-per-worker", type=float,
+                   help="CPUs per actor (default: 1 with GPUs; else all CPUs but one, split over the actors)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per model call (default: 32 GPU, 4 CPU)")
+    p.add_argument("--address", help="join a running Ray cluster: auto, HOST:PORT or ray://HOST:10001")
+    p.add_argument("--tta", action="store_true", help="also run the horizontally flipped image and average")
+    p.add_argument("--no-composite", dest="composite", action="store_false",
+                   help="keep the raw prediction outside the hole (default: re-impose the known luminance)")
+    p.add_argument("--score", action="store_true", help="score against the shards' gt (DACON score and its terms)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="restore the rest when inputs are bad; list them in bad_keys.json next to the zip")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.out and not args.png_dir:
+        print("error: --no-zip needs --png-dir", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.batch_size is None:
+        import torch
+
+        args.batch_size = 32 if torch.cuda.is_available() else 4
+    if args.batch_size < 1 or (args.workers is not None and args.workers < 1):
+        print("error: --batch-size and --workers must be >= 1", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        run(args)
+    except BadInput as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
