@@ -234,12 +234,16 @@ def detect_mask(
     min_pixels: int = 50,
     max_fraction: float = 0.5,
 ) -> tuple[np.ndarray, int]:
-    """The damage as the largest 4-connected region of one exact gray value: ``(mask bool[H,W], fill)``.
+    """The damage as the largest hard-edged 4-connected region of one exact gray value: ``(mask bool[H,W], fill)``.
 
-    Only values with many "flat" pixels (equal to the right or lower neighbour) can hold a large region, so only
-    those are labelled, largest count first, stopping once no remaining value has enough pixels to beat the best.
-    Raises ``NoDamageFound`` when the best region is smaller than ``min_fraction`` of the image or ``min_pixels``,
-    or larger than ``max_fraction`` (a flat image, not damage).
+    Candidates are the largest region of each gray value that has enough "flat" pixels (equal to a 4-neighbour);
+    they are labelled largest count first, stopping once no remaining value could beat the best hard-edged region.
+    A region is soft-edged when most pixels around it differ from its value by at most ``_SOFT_STEP``: that is how
+    natural flat areas look (clipped shadows, blown-out sky fade into their surroundings), while pasted damage cuts
+    through the photo (real DACON holes: median step 26-192, natural flat regions: 1). The largest hard-edged region
+    wins; when every candidate is soft-edged, the largest one does.
+    Raises ``NoDamageFound`` when no region reaches ``min_fraction`` of the image and ``min_pixels``, or when the
+    winner covers more than ``max_fraction`` (a flat image, not damage).
     """
     if gray.dtype != np.uint8 or gray.ndim != 2:
         raise ValueError(f"gray must be uint8 [H,W], got {gray.dtype} {gray.shape}")
@@ -254,25 +258,54 @@ def detect_mask(
     flat_counts = np.bincount(gray[flat], minlength=256)
     candidates = [int(v) for v in np.argsort(-flat_counts, kind="stable") if flat_counts[v] >= need]
 
-    best_area, best_value, best_region = 0, -1, None
-    for value in candidates:
-        if flat_counts[value] <= best_area:
-            break  # sorted by count: nothing left can be larger
-        labels, n = ndimage.label(gray == value, structure=_FOUR_CONNECTED)
+    found: list[tuple[int, int, np.ndarray, bool]] = []  # (area, value, region, soft)
+    largest_seen, largest_value, best_hard = 0, -1, 0
+    for value in candidates[:_MAX_CANDIDATES]:
+        if flat_counts[value] <= best_hard:
+            break  # sorted by count: nothing left can beat the best hard-edged region
+        labels, _ = ndimage.label(gray == value, structure=_FOUR_CONNECTED)
         sizes = np.bincount(labels.ravel())
         sizes[0] = 0
         label = int(sizes.argmax())
-        if sizes[label] > best_area:
-            best_area, best_value, best_region = int(sizes[label]), value, labels == label
-    if best_region is None or best_area < need:
-        found = f"the largest has {best_area} px (value {best_value})" if best_region is not None else "none is close"
+        area = int(sizes[label])
+        if area > largest_seen:
+            largest_seen, largest_value = area, value
+        if area < need:
+            continue
+        region = labels == label
+        soft = _soft_edged(gray, region, value)
+        found.append((area, value, region, soft))
+        if not soft:
+            best_hard = max(best_hard, area)
+    if not found:
+        seen = f"the largest has {largest_seen} px (value {largest_value})" if largest_value >= 0 else "none is close"
         raise NoDamageFound(
             f"no region of one constant gray of at least {need} px "
-            f"({min_fraction:.1%} of the image, at least {min_pixels} px): {found}"
+            f"({min_fraction:.1%} of the image, at least {min_pixels} px): {seen}"
         )
-    if best_area > max_fraction * total:
+    hard = [f for f in found if not f[3]]
+    area, value, region, _ = max(hard or found, key=lambda f: f[0])
+    if area > max_fraction * total:
         raise NoDamageFound(
-            f"largest constant-gray region (value {best_value}) covers {best_area / total:.1%} of the image, "
+            f"largest constant-gray region (value {value}) covers {area / total:.1%} of the image, "
             f"more than {max_fraction:.0%}: a flat image, not a damage region"
         )
-    return best_region, best_value
+    return region, value
+
+
+_SOFT_STEP = 2  # gray levels: a neighbour this close to the region's value continues it smoothly
+_SOFT_SHARE = 0.5  # share of such neighbours that makes a region soft-edged
+_MAX_CANDIDATES = 48  # bounds the work on smooth images with many flat values
+
+
+def _soft_edged(gray: np.ndarray, region: np.ndarray, value: int) -> bool:
+    """Whether most 4-neighbours around ``region`` are within ``_SOFT_STEP`` of ``value`` (see ``detect_mask``)."""
+    rows, cols = ndimage.find_objects(region.view(np.uint8))[0]
+    rows = slice(max(rows.start - 1, 0), rows.stop + 1)
+    cols = slice(max(cols.start - 1, 0), cols.stop + 1)
+    inside = region[rows, cols]
+    ring = ndimage.binary_dilation(inside, structure=_FOUR_CONNECTED) & ~inside
+    if not ring.any():
+        return True  # the whole image: nothing pasted onto anything
+    steps = np.abs(gray[rows, cols][ring].astype(np.int16) - value)
+    return bool(np.mean(steps <= _SOFT_STEP) >= _SOFT_SHARE)
