@@ -1,0 +1,160 @@
+#!/bin/bash
+# Train `restore` on SLURM: one srun task per node, each a torchrun that starts one training process per GPU
+# (or NPROC_PER_NODE CPU processes with gloo when the allocation has no GPU); rendezvous c10d on the first node.
+#
+#   sbatch [--nodes=N] [--gpus-per-node=G] [--partition=P] [--time=HH:MM:SS] [--output=LOG] \
+#          slurm/train.sh --shards SHARDS_DIR --out RUN_DIR [key=value ...]
+#
+# Everything after the script goes to `python -m job.train` unchanged, so every training option works here.
+# `resume=auto` is put in front of it: a requeued (or resubmitted) job continues from RUN_DIR/checkpoints/latest,
+# a fresh RUN_DIR starts at step 0; an explicit resume=... on the command line wins.
+#
+# Run dir (docs/architecture.md): RUN_DIR/config.json, metrics.jsonl, tb/, checkpoints/step_*.pt, checkpoints/latest
+# (the newest complete checkpoint), checkpoints/best.pt, done.json (written when training finished).
+# Log: sbatch's --output (default ./slurm-restore-train-<jobid>.out), appended to across requeues.
+#
+# Preemption and the time limit: SLURM sends USR1 to this batch shell --signal seconds before the limit (below:
+# 120 s). The shell passes it to every process of the training step; the job writes a checkpoint and exits 75; then
+# the shell requeues the job (`scontrol requeue`), and the next run resumes (resume=auto). A job that SLURM kills
+# itself (scontrol requeue, preemption, scancel) sends SIGTERM to the step: the job checkpoints in KillWait; a requeue
+# from SLURM brings it back the same way.
+# Exit status: 0 finished (RUN_DIR/done.json), 75 stopped by USR1 and requeued, 2 bad arguments (e.g. no shards
+# dir), otherwise torchrun's failure (each rank's exit code is in the log).
+#
+# Site settings live in slurm/site.env beside this script (copy site.env.example; absent is fine), or in the file
+# named by RESTORE_SITE_ENV: modules, venv, python, NCCL/GLOO interfaces, CPU processes per node. The SBATCH_*
+# variables in it (partition, account, GPUs) are sbatch's own: `source slurm/site.env` before sbatch so that they
+# apply at submission. Nothing site-specific is edited into this script.
+#
+#SBATCH --job-name=restore-train
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --cpus-per-task=1
+#SBATCH --time=00:30:00
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@120
+#SBATCH --open-mode=append
+#SBATCH --output=slurm-%x-%j.out
+set -uo pipefail
+
+log() { echo "train.sh[${SLURM_JOB_ID:-nojob}]: $*" >&2; }
+
+# Under sbatch this file runs from a spool copy: find the repository through the job's Command.
+script_path=$0
+if [[ -n ${SLURM_JOB_ID:-} ]]; then
+    cmd=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *Command=//p' | head -n1)
+    (($#)) && cmd=${cmd% "$*"}   # Command= is the submitted path followed by the arguments
+    [[ -n $cmd && -f $cmd ]] && script_path=$cmd
+fi
+SLURM_DIR=$(cd "$(dirname "$script_path")" && pwd)
+REPO_ROOT=${RESTORE_ROOT:-$(dirname "$SLURM_DIR")}
+if [[ ! -f $REPO_ROOT/job/train.py ]]; then
+    log "error: cannot find the repository (no $REPO_ROOT/job/train.py); set RESTORE_ROOT"
+    exit 2
+fi
+
+SITE_ENV=${RESTORE_SITE_ENV:-$SLURM_DIR/site.env}
+if [[ -f $SITE_ENV ]]; then
+    log "site settings from $SITE_ENV"
+    set -a
+    # shellcheck disable=SC1090
+    source "$SITE_ENV" || { log "error: $SITE_ENV failed"; exit 2; }
+    set +a
+fi
+if [[ -n ${MODULES:-} ]]; then
+    # shellcheck disable=SC2086
+    module load $MODULES || { log "error: module load $MODULES failed"; exit 2; }
+fi
+if [[ -n ${VENV:-} ]]; then
+    # shellcheck disable=SC1091
+    source "$VENV/bin/activate" || { log "error: cannot activate venv $VENV"; exit 2; }
+fi
+export PYTHON=${PYTHON:-python}
+export PYTHONPATH=$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}
+
+# The two paths the job needs: check them here so that a typo fails now, with the name, not inside N x G processes.
+shards= out=
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+    case ${args[i]} in
+    --shards) shards=${args[i + 1]:-} ;;
+    --shards=*) shards=${args[i]#--shards=} ;;
+    --out) out=${args[i + 1]:-} ;;
+    --out=*) out=${args[i]#--out=} ;;
+    esac
+done
+if [[ -z $shards ]]; then log "error: --shards SHARDS_DIR is required"; exit 2; fi
+if [[ ! -d $shards ]]; then log "error: shards dir $shards does not exist (cwd $PWD)"; exit 2; fi
+if [[ -z $out ]]; then log "error: --out RUN_DIR is required"; exit 2; fi
+
+have_resume=0
+for a in "$@"; do [[ $a == resume=* ]] && have_resume=1; done
+((have_resume)) || set -- resume=auto "$@"
+
+# Counts come from the allocation. srun no longer inherits --cpus-per-task from sbatch (Slurm >= 22.05).
+export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}
+export NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
+MASTER_HOST=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-$(hostname -s)}" | head -n1)
+# A port per job id (stable across requeues of the same job, distinct for jobs sharing a node).
+export RDZV_ENDPOINT=$MASTER_HOST:$((29500 + ${SLURM_JOB_ID:-0} % 20000))
+
+# Runs once per node (srun task): processes = the node's GPUs, else NPROC_PER_NODE CPU processes (gloo).
+# No nvidia-smi count: on nodes without device cgroups it shows GPUs that belong to other jobs.
+read -r -d '' NODE_LAUNCH <<'EOF'
+if [[ -n ${NPROC_PER_NODE:-} ]]; then nproc=$NPROC_PER_NODE
+elif [[ ${SLURM_GPUS_ON_NODE:-0} =~ ^[1-9] ]]; then nproc=$SLURM_GPUS_ON_NODE
+elif [[ -n ${CUDA_VISIBLE_DEVICES:-} && $CUDA_VISIBLE_DEVICES != NoDevFiles ]]; then
+    IFS=, read -ra gpus <<<"$CUDA_VISIBLE_DEVICES"; nproc=${#gpus[@]}
+else nproc=1; fi
+if [[ ${SLURM_NODEID:-0} == 0 ]]; then is_host=true; else is_host=false; fi
+# USR1 (the stop notice) reaches every process of the step. torchrun must not die of it: it ignores it, and so do
+# its workers until the job installs its own handler (the batch shell repeats the notice until the step ends).
+trap '' USR1
+echo "node ${SLURMD_NODENAME:-?} (${SLURM_NODEID:-0}/$NNODES): torchrun nproc-per-node=$nproc rdzv=$RDZV_ENDPOINT" >&2
+exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc-per-node="$nproc" \
+    --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="${SLURM_JOB_ID:-0}" \
+    --rdzv-conf="is_host=$is_host" --max-restarts=0 -m job.train "$@"
+EOF
+
+stop_requested=0 resender=
+on_usr1() {
+    ((stop_requested)) && return
+    stop_requested=1
+    log "USR1 (time limit or preemption notice): asking the job to checkpoint and stop"
+    # Repeated: a worker still starting up has no handler yet and ignores it.
+    (while :; do scancel --signal=USR1 "$SLURM_JOB_ID" || true; sleep 5; done) &
+    resender=$!
+}
+on_term() { log "SIGTERM: the job is being stopped by SLURM; waiting for the checkpoint"; }
+trap on_usr1 USR1
+trap on_term TERM
+
+started=$(date +%s)
+log "$NNODES node(s) $(scontrol show hostnames "${SLURM_JOB_NODELIST:-}" | tr '\n' ' ')| restart ${SLURM_RESTART_COUNT:-0} | out $out"
+srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
+    bash -c "$NODE_LAUNCH" restore-node "$@" &
+srun_pid=$!
+# `wait` returns early when a trapped signal arrives: keep waiting until srun itself is gone.
+while :; do
+    wait "$srun_pid"
+    rc=$?
+    kill -0 "$srun_pid" 2>/dev/null || break
+done
+[[ -n $resender ]] && kill "$resender" 2>/dev/null
+
+if ((rc == 0)); then
+    log "finished (RUN_DIR/done.json)"
+    exit 0
+fi
+if ((stop_requested)); then
+    # The notice can race with the last step: a finished run is not requeued.
+    if [[ -f $out/done.json && $(stat -c %Y "$out/done.json") -ge $started ]]; then
+        log "finished while stopping: $out/done.json"
+        exit 0
+    fi
+    log "stopped before the end (srun exit $rc): requeueing job $SLURM_JOB_ID; it resumes from $out/checkpoints/latest"
+    scontrol requeue "$SLURM_JOB_ID" || { log "error: scontrol requeue failed"; exit 1; }
+    exit 75
+fi
+log "training failed: srun exit $rc (each rank's exit code is above)"
+exit "$rc"
