@@ -128,7 +128,7 @@ def _load(path: str, what: str) -> tuple[bytes, Image.Image]:
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
         raise BadInput(path, f"{what} is not a readable image ({exc})") from None
     return data, img
 

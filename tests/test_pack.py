@@ -154,7 +154,8 @@ def test_photos_keys_are_tar_safe_and_unique(tmp_path):
     out = tmp_path / "out"
     result = run_cli(["shards.pack", "photos", photos, out, "--seed", 3, "--size", 32])
     assert result.returncode == 0, result.stderr
-    assert str(out / "train") in result.stdout
+    assert str(out / "train") in result.stdout  # says where the output went
+    assert "pack train" in result.stderr and "5/5" in result.stderr  # the progress line
     samples = read_tar_samples(out / "train")
     # Sorted by (safe key, relative path): "a b.webp", "a.b.png", "a_b.jpg", "nested/a.b.bmp".
     sources = {k: SampleMeta.from_json_bytes(v["json"]).source_input for k, v in samples.items()}
