@@ -368,8 +368,12 @@ def write_split(plan: SplitPlan, split_dir: Path, *, shard_size: int, workers: i
 
 
 def write_output(out_dir: Path, plans: list[SplitPlan], *, shard_size: int, workers: int, skip_bad: bool,
-                 source: dict) -> dict[str, dict]:
-    """Write every split into a staging folder beside ``out_dir``, then move the split folders into place."""
+                 source: dict, owned: Iterable[str] = ()) -> dict[str, dict]:
+    """Write every split into a staging folder beside ``out_dir``, then move the split folders into place.
+
+    ``owned`` splits that this run did not produce are removed from ``out_dir`` (e.g. an old ``val/`` after a
+    re-run with ``--val-fraction 0`` would overlap the new ``train/``).
+    """
     out_dir = out_dir.absolute()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.packing-", dir=out_dir.parent))
@@ -379,11 +383,12 @@ def write_output(out_dir: Path, plans: list[SplitPlan], *, shard_size: int, work
             manifests[plan.split] = write_split(plan, staging / plan.split, shard_size=shard_size, workers=workers,
                                                 skip_bad=skip_bad, source=source)
         out_dir.mkdir(exist_ok=True)
-        for plan in plans:
-            target = out_dir / plan.split
+        for split in sorted(set(owned) | set(manifests)):
+            target = out_dir / split
             if target.exists():  # a re-run replaces the split as a whole
-                os.replace(target, staging / f"{plan.split}.old")
-            os.replace(staging / plan.split, target)
+                os.replace(target, staging / f"{split}.old")
+            if split in manifests:
+                os.replace(staging / split, target)
         return manifests
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -570,8 +575,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             source = {"kind": "photos", "root": str(root), "seed": args.seed, "size": args.size,
                       "resize_mode": args.resize_mode, "val_fraction": args.val_fraction,
                       "fill_range": list(args.fill_range), "area_range": list(args.area_range)}
+        owned = splits if args.mode == "dacon" else ("train", "val")
         manifests = write_output(args.out_dir, plans, shard_size=args.shard_size, workers=args.workers,
-                                 skip_bad=args.skip_bad, source=source)
+                                 skip_bad=args.skip_bad, source=source, owned=owned)
     except BadInput as exc:
         print(f"error: {exc}", file=sys.stderr)
         print(f"nothing written to {args.out_dir}", file=sys.stderr)

@@ -133,6 +133,11 @@ def test_photos_pack_is_byte_identical_across_runs_and_worker_counts(photo_dir, 
     # Re-running into the same folder replaces it with identical bytes.
     result = run_cli(args + ["--workers", 2])
     assert result.returncode == 0 and tree_digest(tmp_path / "w2") == reference
+    # Without a validation split the old val/ goes too (it would overlap the new train/).
+    result = run_cli(args[:8] + ["--val-fraction", 0, "--shard-size", 3])
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "w2").iterdir()) == ["train"]
+    assert json.loads((tmp_path / "w2" / "train" / "manifest.json").read_text())["count"] == 12
     # Another seed: other damage and another validation split.
     args[3], args[7] = tmp_path / "seed1", 1
     assert run_cli(args).returncode == 0
