@@ -38,9 +38,9 @@ def png(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)))
 
 
-def tree_digest(root: Path) -> dict[str, str]:
+def tree_digest(root: Path, pattern: str = "*") -> dict[str, str]:
     return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+            for p in sorted(root.rglob(pattern)) if p.is_file()}
 
 
 def leftovers(parent: Path) -> list[str]:
@@ -123,13 +123,16 @@ def test_members_adjacent_sorted_and_normalized(tiny_shards, tiny_dacon_shards):
 def test_photos_pack_is_byte_identical_across_runs_and_worker_counts(photo_dir, tiny_shards, tmp_path):
     args = ["shards.pack", "photos", photo_dir, None, "--size", TINY_SIZE, "--seed", 0, "--val-fraction", 0.25,
             "--shard-size", 3]
-    reference = tree_digest(tiny_shards)
+    digests = []
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
         args[3] = out
         result = run_cli(args + ["--workers", workers])
         assert result.returncode == 0, result.stderr
-        assert tree_digest(out) == reference
+        digests.append(tree_digest(out))
+    reference = digests[0]
+    assert digests[1] == reference  # tars and manifests
+    assert len(reference) == 6 and tree_digest(tiny_shards, "*.tar") == tree_digest(tmp_path / "w1", "*.tar")
     # Re-running into the same folder replaces it with identical bytes.
     result = run_cli(args + ["--workers", 2])
     assert result.returncode == 0 and tree_digest(tmp_path / "w2") == reference
@@ -227,7 +230,10 @@ def test_dacon_splits_option_and_determinism(tiny_dacon_root, tiny_dacon_shards,
     result = run_cli(["shards.pack", "dacon", tiny_dacon_root, out, "--splits", "test", "--workers", 1])
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["test"]
-    assert tree_digest(out / "test") == tree_digest(tiny_dacon_shards / "test")
+    assert tree_digest(out / "test", "*.tar") == tree_digest(tiny_dacon_shards / "test", "*.tar")
+    manifest = json.loads((out / "test" / "manifest.json").read_text())
+    packed = json.loads((tiny_dacon_shards / "test" / "manifest.json").read_text())
+    assert manifest["shards"] == packed["shards"] and manifest["mask_stats"] == packed["mask_stats"]
 
 
 # -------------------------------------------------------------------------------------------------------- bad input
