@@ -57,7 +57,7 @@ def random_mask(
         raise ValueError(f"shapes must be a non-empty subset of {SHAPES}, got {tuple(shapes)}")
     total = height * width
     # Whole pixels: the range in pixels, at least one pixel wide.
-    lo_px, hi_px = max(1, math.ceil(lo * total)), max(1, math.floor(hi * total))
+    lo_px, hi_px = max(1, math.ceil(lo * total - 1e-6)), max(1, math.floor(hi * total + 1e-6))
     if lo_px > hi_px:
         hi_px = lo_px
 
@@ -67,7 +67,8 @@ def random_mask(
         mask = _DRAW[shape](rng, height, width, target)
         if mask is not None and lo_px <= int(mask.sum()) <= hi_px:
             return mask, shape
-    return _fitted_rectangle(rng, height, width, lo_px, hi_px), "rectangle"
+    target = math.exp(rng.uniform(math.log(lo_px), math.log(hi_px + 1)))
+    return _fitted_rectangle(rng, height, width, lo_px, hi_px, target), "rectangle"
 
 
 def apply_damage(gray: np.ndarray, mask: np.ndarray, fill: int) -> np.ndarray:
@@ -106,12 +107,18 @@ def _rectangle(rng: np.random.Generator, height: int, width: int, target: float)
     return _place_rectangle(rng, height, width, h, w)
 
 
-def _fitted_rectangle(rng: np.random.Generator, height: int, width: int, lo_px: int, hi_px: int) -> np.ndarray:
-    """The fallback: a near-square rectangle whose whole-pixel area is inside [lo_px, hi_px] (when the image allows)."""
-    h = min(height, max(1, math.isqrt((lo_px + hi_px) // 2)))
-    w = min(width, max(1, -(-lo_px // h)))
-    while h * w > hi_px and w > 1:
-        w -= 1
+def _fitted_rectangle(
+    rng: np.random.Generator, height: int, width: int, lo_px: int, hi_px: int, target: float
+) -> np.ndarray:
+    """The fallback: a rectangle with a whole-pixel area inside [lo_px, hi_px] (when the image allows it at all),
+    near ``target`` and as square as possible."""
+
+    def miss(hw: tuple[int, int]) -> tuple[float, float, int]:
+        area = hw[0] * hw[1]
+        return max(lo_px - area, area - hi_px, 0), abs(area - target), abs(hw[0] - hw[1])
+
+    sizes = [(h, min(width, max(1, round(target / h)))) for h in range(1, height + 1)]
+    h, w = min(sizes, key=miss)
     return _place_rectangle(rng, height, width, h, w)
 
 

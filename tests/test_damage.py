@@ -39,6 +39,8 @@ def test_random_mask_honours_area_range_and_spreads_over_it():
     fractions = [damage.random_mask(rng, 96, 96, area_range=(0.05, 0.10))[0].mean() for _ in range(200)]
     assert min(fractions) >= 0.05 and max(fractions) <= 0.10
     assert min(fractions) < 0.055 and max(fractions) > 0.095  # the whole range is used
+    # A one-value range is met exactly (by the rectangle fallback when no other shape lands on it).
+    assert {int(damage.random_mask(rng, 100, 100, area_range=(0.05, 0.05))[0].sum()) for _ in range(20)} == {500}
 
 
 def test_random_mask_draws_every_shape_and_is_deterministic():
