@@ -219,3 +219,104 @@ def test_summarize_and_sums_add_up_across_ranks():
         S.summarize([])
     with pytest.raises(ValueError, match="expected 6 sums"):
         S.summarize_sums([1.0, 2.0])
+
+
+# ----------------------------------------------------------------------------------- the CLI on real shards
+import json  # noqa: E402
+import zipfile  # noqa: E402
+
+from PIL import Image  # noqa: E402
+
+from conftest import run_cli  # noqa: E402
+from shards.reader import iter_samples, shard_paths  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def val_split(tiny_shards):
+    split = tiny_shards / "val"
+    return split, {s.key: s for s in iter_samples(shard_paths(split))}
+
+
+def _write_preds(folder, samples, make):
+    folder.mkdir()
+    for key, s in samples.items():
+        Image.fromarray(make(s)).save(folder / f"{key}.png")
+    return folder
+
+
+def _gray_pred(s):
+    return np.repeat(s.input[:, :, None], 3, axis=2)
+
+
+def test_cli_perfect_predictions_score_one(tmp_path, val_split):
+    split, samples = val_split
+    preds = _write_preds(tmp_path / "pred", samples, lambda s: s.gt)
+    res = run_cli(["restore.score", preds, split, "--json", "--per-image"])
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert set(out) == {"score", "ssim", "masked_ssim", "hist_sim", "n", "n_degenerate", "per_image"}
+    assert out["n"] == len(samples) == 3 and out["n_degenerate"] == 0
+    for name in ("score", "ssim", "masked_ssim", "hist_sim"):
+        assert out[name] == pytest.approx(1.0)
+    assert set(out["per_image"]) == set(samples)
+    assert out["per_image"][next(iter(samples))]["degenerate"] == []
+
+
+def test_cli_zip_of_gray_predictions_matches_reference(tmp_path, val_split):
+    split, samples = val_split
+    preds = _write_preds(tmp_path / "pred", samples, _gray_pred)
+    archive = tmp_path / "submission.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in sorted(preds.iterdir()):
+            zf.write(p, p.name)
+    res = run_cli(["restore.score", archive, split, "--json"])
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert "per_image" not in out
+    refs = [0.2 * ref_ssim(s.gt, _gray_pred(s)) + 0.4 * ref_masked_ssim(s.gt, _gray_pred(s), s.mask)
+            + 0.4 * ref_hist_sim(s.gt, _gray_pred(s)) for s in samples.values()]
+    assert out["score"] == pytest.approx(np.mean(refs), abs=1e-6)
+    assert out["score"] < 0.9
+    text = run_cli(["restore.score", archive, split])  # the plain-text form prints the three terms and the score
+    assert text.returncode == 0
+    lines = dict(line.split()[:2] for line in text.stdout.splitlines())
+    assert float(lines["score"]) == pytest.approx(out["score"], abs=1e-6)
+    assert {"ssim", "masked_ssim", "hist_sim", "n"} <= set(lines)
+
+
+def test_cli_bad_predictions(tmp_path, val_split):
+    split, samples = val_split
+    keys = sorted(samples)
+    preds = _write_preds(tmp_path / "pred", samples, lambda s: s.gt)
+
+    (preds / f"{keys[0]}.png").unlink()
+    (preds / "EXTRA_1.png").write_bytes((preds / f"{keys[1]}.png").read_bytes())
+    res = run_cli(["restore.score", preds, split])
+    assert res.returncode == 2 and res.stdout == ""
+    assert f"missing predictions for 1 key(s): {keys[0]}" in res.stderr
+    assert "EXTRA_1.png" in res.stderr and "no gt" in res.stderr
+    (preds / "EXTRA_1.png").unlink()
+
+    Image.fromarray(samples[keys[0]].input).save(preds / f"{keys[0]}.png")  # gray, mode L
+    res = run_cli(["restore.score", preds, split])
+    assert res.returncode == 2 and f"{keys[0]}.png: expected an RGB PNG, got PIL mode L" in res.stderr
+
+    Image.fromarray(samples[keys[0]].gt[:32]).save(preds / f"{keys[0]}.png")
+    res = run_cli(["restore.score", preds, split])
+    assert res.returncode == 2 and f"{keys[0]}.png: size 64x32, expected 64x64" in res.stderr
+
+    (preds / f"{keys[0]}.png").write_bytes(b"not a png")
+    res = run_cli(["restore.score", preds, split])
+    assert res.returncode == 2 and f"{keys[0]}.png: cannot read as PNG" in res.stderr
+
+    nested = tmp_path / "nested.zip"
+    with zipfile.ZipFile(nested, "w") as zf:
+        for key in keys:
+            zf.writestr(f"sub/{key}.png", b"")
+    res = run_cli(["restore.score", nested, split])
+    assert res.returncode == 2 and "inside a folder (the zip must be flat)" in res.stderr
+
+    res = run_cli(["restore.score", tmp_path / "nothing", split])
+    assert res.returncode == 2 and "nothing: no such file or folder" in res.stderr
+    res = run_cli(["restore.score", preds, tmp_path])
+    assert res.returncode == 2 and "no manifest" in res.stderr
