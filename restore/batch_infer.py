@@ -443,6 +443,8 @@ def build_zip(png_dir: Path, keys: Sequence[str], sizes: dict[str, tuple[int, in
     if missing:
         raise RuntimeError(f"{png_dir}: {len(missing)} restored images are missing: {', '.join(missing[:10])}")
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.*.tmp"):  # a zip temp left by a crashed run
+        stale.unlink(missing_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -614,8 +616,9 @@ def _finish(args: argparse.Namespace, plan: Plan, rows: list[dict], png_dir: Pat
     unseen = [k for k in plan.keys if k not in by_key]
     if unseen:
         raise RuntimeError(f"the pipeline returned no row for {len(unseen)} keys: {', '.join(unseen[:10])}")
+    expected = set(plan.keys)
     bad = [by_key[k] for k in plan.keys if by_key[k]["status"] == BAD]
-    bad += [r for r in rows if r["status"] == BAD and r["key"] not in set(plan.keys)]
+    bad += [r for r in rows if r["status"] == BAD and r["key"] not in expected]
     good = [k for k in plan.keys if by_key[k]["status"] != BAD]
     restored = [by_key[k] for k in good if by_key[k]["status"] == TODO]
 

@@ -1,0 +1,297 @@
+"""Batch inference end to end: a real local Ray (one per module), real shards, real model actors and PNG writers.
+
+Most runs call ``main()`` in this process, which drives the module's Ray (a fresh CLI process pays a new Ray job:
+new worker processes that import torch again); one test runs the real CLI in its own process and joins the module's
+Ray with ``--address``, as a SLURM user does.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from restore import batch_infer
+from restore.composite import composite_luma
+from restore.model import ModelSpec, build_model, inference_checkpoint
+from restore.score import score_image, summarize
+from shards.damage import to_gray
+from shards.reader import iter_samples, read_manifest, shard_paths
+
+from conftest import run_cli
+
+pytestmark = pytest.mark.ray
+
+# The smallest encoder the model tests use: timm's test EfficientNet (~0.45M parameters for both stages).
+TINY_SPEC = ModelSpec(encoder="tu-test_efficientnet", decoder_channels=(16, 8, 8, 8, 8), cbam=False)
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    import ray
+
+    # Two CPUs: one for the model actor, one left for the read and write tasks (fewer would hang the pipeline).
+    ctx = ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ctx.address_info["gcs_address"]
+    ray.shutdown()
+
+
+def _save_checkpoint(path: Path, seed: int, spec: ModelSpec = TINY_SPEC) -> Path:
+    torch.manual_seed(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(inference_checkpoint(build_model(spec)), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return _save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", seed=0)
+
+
+class Result:
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture
+def infer(ray_address, capsys):
+    """``main()`` on the module's Ray; returns the exit code and what it printed."""
+
+    def call(*args) -> Result:
+        capsys.readouterr()
+        code = batch_infer.main(["--batch-size", "2", *map(str, args)])
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return call
+
+
+def _keys(split_dir: Path) -> list[str]:
+    return [k for shard in read_manifest(split_dir)["shards"] for k in shard["keys"]]
+
+
+def _pil_l(rgb: np.ndarray) -> np.ndarray:
+    return np.asarray(Image.fromarray(rgb).convert("L"))
+
+
+def _zip_images(path: Path) -> dict[str, np.ndarray]:
+    with zipfile.ZipFile(path) as zf:
+        out = {}
+        for name in zf.namelist():
+            with Image.open(io.BytesIO(zf.read(name))) as img:
+                assert img.mode == "RGB", name
+                out[name] = np.asarray(img)
+        return out
+
+
+def test_restores_test_split_into_a_flat_verified_zip_and_resumes_without_redoing_work(
+        infer, ckpt, tiny_dacon_shards, tmp_path):
+    split = tiny_dacon_shards / "test"
+    keys = _keys(split)
+    out = tmp_path / "sub.zip"
+    r = infer("--shards", split, "--checkpoint", ckpt, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert f"done: {len(keys)} restored, 0 already done, 0 bad" in r.stdout
+
+    images = _zip_images(out)
+    assert sorted(images) == sorted(f"{k}.png" for k in keys)  # flat, exactly the manifest's names
+    samples = {s.key: s for s in iter_samples(shard_paths(split))}
+    for key in keys:
+        rgb, sample = images[f"{key}.png"], samples[key]
+        assert rgb.shape == (*sample.input.shape, 3)
+        # compositing: outside the hole the PIL luminance is the input's, bit for bit
+        known = ~sample.mask
+        assert np.array_equal(_pil_l(rgb)[known], sample.input[known])
+    assert not (tmp_path / batch_infer.BAD_KEYS_NAME).exists()
+
+    # A crash: two PNGs never got written, one temp file and a half-written zip temp were left behind.
+    png_dir = tmp_path / "sub_png"
+    lost = keys[:2]
+    for key in lost:
+        (png_dir / f"{key}.png").unlink()
+    (png_dir / f".{lost[0]}.png.abc123.tmp").write_bytes(b"half a png")
+    (tmp_path / ".sub.zip.xyz.tmp").write_bytes(b"half a zip")
+    out.unlink()
+    kept = {k: (png_dir / f"{k}.png").stat().st_mtime_ns for k in keys[2:]}
+
+    r = infer("--shards", split, "--checkpoint", ckpt, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert f"{len(keys) - 2} already in" in r.stdout and "removed 1 leftover temp files" in r.stdout
+    assert f"done: 2 restored, {len(keys) - 2} already done, 0 bad" in r.stdout
+    assert {k: (png_dir / f"{k}.png").stat().st_mtime_ns for k in keys[2:]} == kept  # not redone
+    assert sorted(p.name for p in png_dir.iterdir()) == sorted(f"{k}.png" for k in keys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub.zip", "sub_png"]
+    again = _zip_images(out)
+    assert sorted(again) == sorted(images)
+    for key in lost:  # the same model on the same input: the redone images are identical
+        assert np.array_equal(again[f"{key}.png"], images[f"{key}.png"])
+
+
+def _corrupt_copy(split: Path, dest: Path) -> tuple[str, str]:
+    """Copy ``split`` with one input PNG garbled and one mask member removed; returns (corrupt key, maskless key)."""
+    shutil.copytree(split, dest)
+    first = sorted(dest.glob("*.tar"))[0]
+    with tarfile.open(first) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    keys = sorted({m.name.split(".", 1)[0] for m, _ in members})
+    corrupt, maskless = keys[0], keys[1]
+    with tarfile.open(first, "w") as tar:
+        for member, data in members:
+            if member.name == f"{maskless}.mask.png":
+                continue
+            if member.name == f"{corrupt}.input.png":
+                data = data[:40] + b"\0" * 64  # a PNG header followed by garbage
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    return corrupt, maskless
+
+
+def test_bad_samples_exit_2_naming_them_and_skip_bad_restores_the_rest(infer, ckpt, tiny_dacon_shards, tmp_path):
+    split = tmp_path / "test"
+    corrupt, maskless = _corrupt_copy(tiny_dacon_shards / "test", split)
+    keys = _keys(split)
+    out = tmp_path / "out" / "sub.zip"
+
+    r = infer("--shards", split, "--checkpoint", ckpt, "--out", out)
+    assert r.returncode == 2
+    assert "error:" in r.stderr and "test-000000.tar" in r.stderr and "--skip-bad" in r.stderr
+    assert corrupt in r.stderr or maskless in r.stderr
+    assert not out.exists()
+
+    r = infer("--shards", split, "--checkpoint", ckpt, "--out", out, "--skip-bad")
+    assert r.returncode == 0, r.stderr
+    assert f"skipped 2 bad input(s)" in r.stdout
+    assert f"{corrupt}: " in r.stdout and "cannot decode PNG" in r.stdout
+    assert f"{maskless}: " in r.stdout and f"missing member {maskless}.mask.png" in r.stdout
+    listing = json.loads((out.parent / batch_infer.BAD_KEYS_NAME).read_text())
+    assert sorted(b["key"] for b in listing["bad"]) == sorted([corrupt, maskless])
+    assert listing["zip_holds"] == len(keys) - 2 and listing["expected"] == len(keys)
+    good = sorted(f"{k}.png" for k in keys if k not in (corrupt, maskless))
+    assert sorted(_zip_images(out)) == good
+    with zipfile.ZipFile(out) as zf:
+        assert b"2 bad inputs left out" in zf.comment
+    assert f"WITHOUT the 2 bad keys" in r.stdout
+
+
+def test_images_folder_detects_masks_on_the_fly(infer, ckpt, tiny_dacon_truth, tmp_path):
+    root, truth = tiny_dacon_truth
+    images = tmp_path / "scans"
+    shutil.copytree(root / "test_input", images)
+    stems = sorted(p.stem for p in images.glob("*.png"))
+    out = tmp_path / "restored.zip"
+    r = infer("--images", images, "--checkpoint", ckpt, "--out", out, "--png-dir", tmp_path / "pngs")
+    assert r.returncode == 0, r.stderr
+    restored = _zip_images(out)
+    assert sorted(restored) == [f"{s}.png" for s in stems]
+    for stem in stems:
+        gray = np.asarray(Image.open(images / f"{stem}.png"))
+        hole = truth["masks"][stem]
+        lum = _pil_l(restored[f"{stem}.png"])
+        assert np.array_equal(lum[~hole], gray[~hole])
+        # The detected hole was treated as a hole: the model's own values stand there, not the fill gray.
+        assert (lum[hole] != gray[hole]).mean() > 0.5, stem
+
+
+def test_cli_process_joins_the_cluster_scores_and_uses_the_newest_run(ray_address, ckpt, tiny_dacon_shards,
+                                                                       tmp_path):
+    split = tiny_dacon_shards / "train"  # has gt
+    runs = tmp_path / "runs"
+    old = runs / "old" / "checkpoints" / "best.pt"
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"not a checkpoint")  # would fail if it were chosen
+    os.utime(old, (1_000_000_000, 1_000_000_000))
+    new = runs / "new" / "checkpoints"
+    new.mkdir(parents=True)
+    shutil.copy(ckpt, new / "step_00000010.pt")
+    (new / "latest").write_text("step_00000010.pt\n")
+    out = tmp_path / "val.zip"
+    r = run_cli(["restore.batch_infer", "--address", ray_address, "--shards", split, "--runs-dir", runs,
+                 "--out", out, "--score", "--tta", "--batch-size", 3], cwd=tmp_path, timeout=240)
+    assert r.returncode == 0, r.stderr
+    assert f"using the newest run {runs / 'new'}" in r.stdout
+
+    images = _zip_images(out)
+    expected = summarize(score_image(s.gt, images[f"{s.key}.png"], s.mask) for s in iter_samples(shard_paths(split)))
+    line = next(l for l in r.stdout.splitlines() if l.startswith("score "))
+    printed = dict(zip(line.split()[0::2], line.split()[1::2]))
+    for term in ("score", "ssim", "masked_ssim", "hist_sim"):
+        assert float(printed[term]) == pytest.approx(expected[term], abs=1e-4), term
+    assert f"(n={expected['n']}," in line
+
+
+def test_engine_averages_checkpoints_and_flips_and_composites(ckpt, tmp_path):
+    second = _save_checkpoint(tmp_path / "b.pt", seed=1)
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (2, 64, 64), dtype=np.uint8)
+    mask = np.zeros((2, 64, 64), bool)
+    mask[:, 10:30, 20:40] = True
+    engine = batch_infer.Engine([ckpt, second], tta=True, composite=True, device="cpu")
+    got = engine.restore(gray, mask)
+    assert engine.forward_passes == 2 * 2 * 2  # images x checkpoints x views
+
+    x = torch.from_numpy(gray).float()[:, None] / 255
+    m = torch.from_numpy(mask).float()[:, None]
+    total = 0
+    with torch.inference_mode():
+        for model in engine.models:
+            total = total + model(x, m)[1] + model(x.flip(-1), m.flip(-1))[1].flip(-1)
+    mean = ((total / 4).clamp(0, 1) * 255).round().to(torch.uint8)
+    want = composite_luma(mean, torch.from_numpy(gray), ~torch.from_numpy(mask)).permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(got, want)
+    assert np.array_equal(got[mask], mean.permute(0, 2, 3, 1).numpy()[mask])  # the hole is the prediction
+    for i in range(2):
+        assert np.array_equal(_pil_l(got[i])[~mask[i]], gray[i][~mask[i]])
+
+
+def test_composite_matches_pil_luma_exactly_even_where_channels_clip():
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (3, 40, 40, 3), dtype=np.uint8)
+    gray = rng.integers(0, 256, (3, 40, 40), dtype=np.uint8)  # far from the prediction: clipping everywhere
+    known = rng.random((3, 40, 40)) > 0.2
+    out = composite_luma(torch.from_numpy(rgb).permute(0, 3, 1, 2), torch.from_numpy(gray),
+                         torch.from_numpy(known)).permute(0, 2, 3, 1).numpy()
+    for i in range(3):
+        assert np.array_equal(_pil_l(out[i])[known[i]], gray[i][known[i]])
+        assert np.array_equal(out[i][~known[i]], rgb[i][~known[i]])
+    # the fallback to neutral gray is rare even for this adversarial input
+    neutral = (out[..., 0] == out[..., 1]) & (out[..., 1] == out[..., 2]) & known
+    assert neutral.mean() < 0.02
+    # a near-right prediction only moves by the luminance error
+    near = np.stack([to_gray(c) for c in rgb])
+    same = composite_luma(torch.from_numpy(rgb).permute(0, 3, 1, 2), torch.from_numpy(near),
+                          torch.ones(3, 40, 40, dtype=torch.bool)).permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(same, rgb)
+
+
+@pytest.mark.parametrize("case", ["mismatched", "missing", "empty_dir", "no_runs"])
+def test_bad_checkpoint_or_source_exits_2_before_any_work(case, ckpt, tiny_dacon_shards, tmp_path, capsys):
+    split = tiny_dacon_shards / "test"
+    args = ["--shards", str(split), "--checkpoint", str(ckpt), "--out", str(tmp_path / "s.zip")]
+    if case == "mismatched":
+        state = inference_checkpoint(build_model(TINY_SPEC))
+        state["model_spec"] = {**TINY_SPEC.to_dict(), "decoder_channels": [32, 16, 8, 8, 8]}
+        bad = tmp_path / "mismatched.pt"
+        torch.save(state, bad)
+        args[3], needle = str(bad), f"checkpoint {bad}"
+    elif case == "missing":
+        args[3], needle = str(tmp_path / "nope.pt"), str(tmp_path / "nope.pt")
+    elif case == "empty_dir":
+        (tmp_path / "empty").mkdir()
+        args[1], needle = str(tmp_path / "empty"), str(tmp_path / "empty")
+    else:
+        args = args[:2] + args[4:] + ["--runs-dir", str(tmp_path / "runs")]
+        needle = "no --checkpoint given and no run with checkpoints"
+    assert batch_infer.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and needle in err
+    if case == "mismatched":
+        assert "does not match its model_spec" in err
+    assert not (tmp_path / "s.zip").exists() and not (tmp_path / "s_png").exists()
