@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import tarfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -85,9 +86,11 @@ def iter_samples(paths: Iterable[str | os.PathLike]) -> Iterator[Sample]:
     """Every sample of ``paths`` in shard order and tar order, read by the stock ``webdataset`` reader."""
     import webdataset as wds  # imports torch when present: keep it out of module import
 
-    urls = [str(p) for p in paths]
-    if not urls:
-        return
-    dataset = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
-    for raw in dataset:
-        yield decode_sample(raw)
+    # One reader per shard, so that a damaged tar is reported by name.
+    for url in (str(p) for p in paths):
+        dataset = wds.WebDataset(url, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
+        try:
+            for raw in dataset:
+                yield decode_sample(raw)
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise ValueError(f"{url}: unreadable shard ({type(exc).__name__}: {exc})") from exc

@@ -100,3 +100,15 @@ def test_reader_module_does_not_import_torch():
     code = ("import sys, shards.reader, shards.pack, shards.damage, shards.schema; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_truncated_shard_is_named(tiny_shards, tmp_path):
+    source = tiny_shards / "train" / "train-000001.tar"
+    broken = tmp_path / "train-000001.tar"
+    broken.write_bytes(source.read_bytes()[:3000])  # cut inside the first sample
+    with pytest.raises(ValueError) as info:
+        list(reader.iter_samples([tiny_shards / "train" / "train-000000.tar", broken]))
+    assert str(broken) in str(info.value)
+    missing = tmp_path / "gone.tar"
+    with pytest.raises(ValueError, match="gone.tar"):
+        list(reader.iter_samples([missing]))
