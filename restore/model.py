@@ -133,17 +133,26 @@ class _PaddedStage(nn.Module):
 
     def __init__(self, spec: ModelSpec, in_channels: int, out_channels: int) -> None:
         super().__init__()
-        self.net = CBAMUnetPlusPlus(
-            encoder_name=spec.encoder,
-            encoder_depth=spec.encoder_depth,
-            encoder_weights=spec.encoder_weights if spec.encoder_weights == "imagenet" else None,
-            decoder_channels=spec.decoder_channels,
-            in_channels=in_channels,
-            classes=out_channels,
-            cbam=spec.cbam,
-            cbam_reduction=spec.cbam_reduction,
-            cbam_kernel=spec.cbam_kernel,
-        )
+        online = spec.encoder_weights == "imagenet"
+        try:
+            self.net = CBAMUnetPlusPlus(
+                encoder_name=spec.encoder,
+                encoder_depth=spec.encoder_depth,
+                encoder_weights="imagenet" if online else None,
+                decoder_channels=spec.decoder_channels,
+                in_channels=in_channels,
+                classes=out_channels,
+                cbam=spec.cbam,
+                cbam_reduction=spec.cbam_reduction,
+                cbam_kernel=spec.cbam_kernel,
+            )
+        except OSError as e:
+            if not online:
+                raise
+            raise OSError(
+                f"encoder_weights='imagenet' downloads the {spec.encoder} weights from the Hugging Face hub and that "
+                f"failed ({type(e).__name__}: {e}); without network access give a local weights file instead"
+            ) from e
 
     @property
     def stride(self) -> int:
@@ -327,13 +336,28 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise FileNotFoundError(f"no checkpoint in {p}: neither {best} nor {pointer} exists")
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare module inside DDP / AveragedModel (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
 def _strip_wrappers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Accept state dicts saved from DDP / AveragedModel wrappers: drop 'module.' prefixes and 'n_averaged'."""
+    """Accept state dicts saved through wrappers: drop 'module.' / '_orig_mod.' prefixes and AveragedModel's
+    'n_averaged' counter."""
     out = {}
     for k, v in state.items():
         if k == "n_averaged":
             continue
-        out[k[len("module."):] if k.startswith("module.") else k] = v
+        while k.startswith(_WRAPPER_PREFIXES):
+            k = k.split(".", 1)[1]
+        out[k] = v
     return out
 
 
@@ -372,7 +396,7 @@ def load_restorer(path: str | Path, map_location: str | torch.device = "cpu") ->
 
 def inference_checkpoint(model: nn.Module, spec: ModelSpec | None = None) -> dict[str, Any]:
     """The minimal checkpoint `load_restorer` accepts (format, model_spec, model on CPU)."""
-    model = getattr(model, "module", model)  # DDP
+    model = unwrap(model)
     spec = spec if spec is not None else model.spec
     return {
         "format": CHECKPOINT_FORMAT,

@@ -25,6 +25,16 @@ TINY = ModelSpec(encoder="tu-test_efficientnet", decoder_channels=(32, 16, 16, 8
 TINY_WIDE = dataclasses.replace(TINY, encoder="tu-test_resnet")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One intra-op thread: on the 2-core CI box, tests and other processes run side by side, and torch's thread
+    pool oversubscribed by them ran these tiny models several times slower than one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _inputs(b=2, h=64, w=64, seed=0):
     g = torch.Generator().manual_seed(seed)
     gray = torch.rand(b, 1, h, w, generator=g)
@@ -168,6 +178,18 @@ def test_checkpoint_prefers_ema_and_drops_optimizer(tiny_model, tmp_path):
     assert info["weights_used"] == "ema" and "optimizer" not in info
     name = "inpainter.net.cbam.spatial_conv.weight"
     assert torch.equal(loaded.state_dict()[name], ema[name])
+
+
+def test_wrapped_models_save_and_load_plain_keys(tiny_model, tmp_path):
+    averaged = torch.optim.swa_utils.AveragedModel(tiny_model)  # as EMA is often kept; its keys are 'module.*'
+    compiled = torch.compile(tiny_model)  # wrapping only, nothing is compiled: keys are '_orig_mod.*'
+    plain = inference_checkpoint(tiny_model)["model"]
+    for wrapped in (averaged, compiled):
+        assert list(inference_checkpoint(wrapped)["model"]) == list(plain)
+    ckpt = {**inference_checkpoint(tiny_model), "ema": averaged.state_dict()}
+    loaded, info = load_restorer(_save(ckpt, tmp_path / "avg.pt"))
+    assert info["weights_used"] == "ema"
+    assert all(torch.equal(v, plain[k]) for k, v in loaded.state_dict().items())
 
 
 def test_checkpoint_that_does_not_match_its_spec_names_file_and_keys(tiny_model, tmp_path):
