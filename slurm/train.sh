@@ -6,8 +6,8 @@
 #          slurm/train.sh --shards SHARDS_DIR --out RUN_DIR [key=value ...]
 #
 # Everything after the script goes to `python -m job.train` unchanged, so every training option works here.
-# `resume=auto` is put in front of it: a requeued (or resubmitted) job continues from RUN_DIR/checkpoints/latest,
-# a fresh RUN_DIR starts at step 0; an explicit resume=... on the command line wins.
+# `resume=auto` is added unless given: a requeued (or resubmitted) job continues from RUN_DIR/checkpoints/latest,
+# a fresh RUN_DIR starts at step 0.
 #
 # Run dir (docs/architecture.md): RUN_DIR/config.json, metrics.jsonl, tb/, checkpoints/step_*.pt, checkpoints/latest
 # (the newest complete checkpoint), checkpoints/best.pt, done.json (written when training finished).
@@ -18,7 +18,8 @@
 # the shell requeues the job (`scontrol requeue`), and the next run resumes (resume=auto). A job that SLURM kills
 # itself (scontrol requeue, preemption, scancel) sends SIGTERM to the step: the job checkpoints in KillWait; a requeue
 # from SLURM brings it back the same way.
-# Exit status: 0 finished (RUN_DIR/done.json), 75 stopped by USR1 and requeued, 2 bad arguments (e.g. no shards
+# Exit status: 0 finished (RUN_DIR/done.json), 75 stopped by USR1 and requeued (or stopped by SLURM's SIGTERM
+# after a checkpoint: RUN_DIR/preempted.json), 2 bad arguments (e.g. no shards
 # dir), otherwise torchrun's failure (each rank's exit code is in the log).
 #
 # Site settings live in slurm/site.env beside this script (copy site.env.example; absent is fine), or in the file
@@ -89,7 +90,7 @@ if [[ -z $out ]]; then log "error: --out RUN_DIR is required"; exit 2; fi
 
 have_resume=0
 for a in "$@"; do [[ $a == resume=* ]] && have_resume=1; done
-((have_resume)) || set -- resume=auto "$@"
+((have_resume)) || set -- "$@" resume=auto
 
 # Counts come from the allocation. srun no longer inherits --cpus-per-task from sbatch (Slurm >= 22.05).
 export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}
@@ -107,10 +108,12 @@ elif [[ -n ${CUDA_VISIBLE_DEVICES:-} && $CUDA_VISIBLE_DEVICES != NoDevFiles ]]; 
     IFS=, read -ra gpus <<<"$CUDA_VISIBLE_DEVICES"; nproc=${#gpus[@]}
 else nproc=1; fi
 if [[ ${SLURM_NODEID:-0} == 0 ]]; then is_host=true; else is_host=false; fi
+# The task's CPUs shared by its processes (torchrun sets 1 only for nproc > 1; more threads than CPUs thrash).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ${SLURM_CPUS_PER_TASK:-1} / nproc > 0 ? ${SLURM_CPUS_PER_TASK:-1} / nproc : 1 ))}
 # USR1 (the stop notice) reaches every process of the step. torchrun must not die of it: it ignores it, and so do
 # its workers until the job installs its own handler (the batch shell repeats the notice until the step ends).
 trap '' USR1
-echo "node ${SLURMD_NODENAME:-?} (${SLURM_NODEID:-0}/$NNODES): torchrun nproc-per-node=$nproc rdzv=$RDZV_ENDPOINT" >&2
+echo "node ${SLURMD_NODENAME:-?} (${SLURM_NODEID:-0}/$NNODES): torchrun nproc-per-node=$nproc threads=$OMP_NUM_THREADS rdzv=$RDZV_ENDPOINT" >&2
 exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc-per-node="$nproc" \
     --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="${SLURM_JOB_ID:-0}" \
     --rdzv-conf="is_host=$is_host" --max-restarts=0 -m job.train "$@"
@@ -142,18 +145,19 @@ while :; do
 done
 [[ -n $resender ]] && kill "$resender" 2>/dev/null
 
-if ((rc == 0)); then
-    log "finished (RUN_DIR/done.json)"
+fresh() { [[ -f $1 && $(stat -c %Y "$1") -ge $started ]]; }
+# torchrun exits 1 for any worker failure: the run dir tells how the job ended (done.json / preempted.json).
+if ((rc == 0)) || fresh "$out/done.json"; then
+    log "finished: $out/done.json"
     exit 0
 fi
 if ((stop_requested)); then
-    # The notice can race with the last step: a finished run is not requeued.
-    if [[ -f $out/done.json && $(stat -c %Y "$out/done.json") -ge $started ]]; then
-        log "finished while stopping: $out/done.json"
-        exit 0
-    fi
     log "stopped before the end (srun exit $rc): requeueing job $SLURM_JOB_ID; it resumes from $out/checkpoints/latest"
     scontrol requeue "$SLURM_JOB_ID" || { log "error: scontrol requeue failed"; exit 1; }
+    exit 75
+fi
+if fresh "$out/preempted.json"; then
+    log "stopped by SLURM after a checkpoint ($out/preempted.json); a requeue resumes from it"
     exit 75
 fi
 log "training failed: srun exit $rc (each rank's exit code is above)"
