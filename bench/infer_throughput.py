@@ -1,0 +1,203 @@
+"""Batch inference img/s for ONE model worker end to end, against a plain single-process loop, in the same run.
+
+    python bench/infer_throughput.py [--n 64] [--size 512] [--encoder efficientnet-b4] [--batch-size 16]
+                                     [--shards DIR] [--checkpoint FILE] [--tta] [--json OUT]
+    python bench/infer_throughput.py --tiny        # CPU smoke: 8 images of 64x64, timm's test encoder
+
+Both paths do the same work on the same shards: read + decode the tar members, both stages (bf16 autocast and
+channels_last on a GPU, via ``restore.batch_infer.Engine``), luminance compositing, PNG encode and an atomic write
+of ``KEY.png``:
+
+- plain:  one process, ``shards.reader.iter_samples`` -> batches -> ``Engine.restore`` -> ``encode_png`` -> write,
+          one stage after the other (what a user would write); the seconds of each stage are printed as a profile.
+- ray:    ``python -m restore.batch_infer --workers 1 --no-zip`` in-process on a local Ray: read tasks, one model
+          actor, PNG-writer tasks, all overlapping.
+
+Reported per path: wall img/s (ray: including the actor's start-up, model load and first call; plain: excluding the
+model load and one warm-up batch, printed separately), and steady img/s from the PNG files' mtimes (images after the first batch / time from the first
+batch's last file to the last file), which is what a long job sees. Without ``--checkpoint`` the model is randomly
+initialised (speed does not depend on the weights). No data given: photos are generated and packed with the real
+``python -m shards.pack photos``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from skimage import data as skdata
+
+from restore import batch_infer
+from shards import schema
+from shards.reader import iter_samples, shard_paths
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
+
+
+def make_shards(root: Path, n: int, size: int) -> Path:
+    """``n`` photo crops packed by the real CLI at ``size``; returns the split dir (``train/``, with gt)."""
+    photos = root / "photos"
+    photos.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    bases = [getattr(skdata, name)()[..., :3] for name in PHOTOS]
+    for i in range(n):
+        base = bases[i % len(bases)]
+        h, w = base.shape[:2]
+        side = int(min(h, w) * rng.uniform(0.5, 1.0))
+        y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+        crop = base[y : y + side, x : x + side]
+        Image.fromarray(crop[:, ::-1] if i % 2 else crop).save(photos / f"photo_{i:05d}.png")
+    subprocess.run([sys.executable, "-m", "shards.pack", "photos", str(photos), str(root / "shards"), "--seed", "0",
+                    "--size", str(size), "--shard-size", str(max(1, n // 4))], check=True, capture_output=True)
+    return root / "shards" / "train"
+
+
+def make_checkpoint(path: Path, encoder: str, decoder_channels: tuple[int, ...], cbam: bool) -> Path:
+    import torch
+
+    from restore.model import ModelSpec, build_model, inference_checkpoint
+
+    torch.manual_seed(0)
+    spec = ModelSpec(encoder=encoder, decoder_channels=decoder_channels, cbam=cbam)
+    torch.save(inference_checkpoint(build_model(spec)), path)
+    return path
+
+
+def steady_rate(png_dir: Path, batch: int) -> float | None:
+    """Images per second after the first batch, from the written files' modification times."""
+    times = sorted(p.stat().st_mtime for p in png_dir.glob("*.png"))
+    if len(times) <= batch:
+        return None
+    span = times[-1] - times[batch - 1]
+    return (len(times) - batch) / span if span > 0 else None
+
+
+def plain_loop(split: Path, checkpoint: Path, png_dir: Path, batch_size: int, tta: bool) -> dict:
+    """The single-process baseline, with a per-stage profile (seconds per image)."""
+    start = time.perf_counter()
+    engine = batch_infer.Engine([checkpoint], tta=tta)
+    first = next(iter_samples(shard_paths(split)))
+    engine.restore(np.stack([first.input] * batch_size), np.stack([first.mask] * batch_size))  # warm-up
+    engine.forward_passes = 0
+    load_s = time.perf_counter() - start
+    prof = {"read_decode": 0.0, "model": 0.0, "encode_write": 0.0}
+    count = 0
+
+    def flush(batch: list) -> None:
+        t = time.perf_counter()
+        rgb = engine.restore(np.stack([s.input for s in batch]), np.stack([s.mask for s in batch]))
+        if engine.cuda:
+            engine.torch.cuda.synchronize()
+        prof["model"] += time.perf_counter() - t
+        t = time.perf_counter()
+        for sample, image in zip(batch, rgb):
+            schema.atomic_write_bytes(png_dir / f"{sample.key}.png", schema.encode_png(image, "RGB"))
+        prof["encode_write"] += time.perf_counter() - t
+
+    start = time.perf_counter()
+    batch: list = []
+    samples = iter_samples(shard_paths(split))
+    while True:
+        t = time.perf_counter()
+        sample = next(samples, None)
+        prof["read_decode"] += time.perf_counter() - t
+        if sample is not None:
+            batch.append(sample)
+            count += 1
+        if batch and (sample is None or len(batch) == batch_size):
+            flush(batch)
+            batch = []
+        if sample is None:
+            break
+    wall = time.perf_counter() - start
+    return {"images": count, "model_load_s": round(load_s, 3), "wall_s": round(wall, 3),
+            "wall_img_s": count / wall, "steady_img_s": steady_rate(png_dir, batch_size),
+            "profile_s_per_img": {k: round(v / max(count, 1), 5) for k, v in prof.items()},
+            "device": str(engine.device)}
+
+
+def ray_worker(split: Path, checkpoint: Path, png_dir: Path, batch_size: int, tta: bool,
+               cpus_per_worker: float | None) -> dict:
+    argv = ["--shards", str(split), "--checkpoint", str(checkpoint), "--no-zip", "--png-dir", str(png_dir),
+            "--workers", "1", "--batch-size", str(batch_size)] + (["--tta"] if tta else [])
+    if cpus_per_worker:
+        argv += ["--cpus-per-worker", str(cpus_per_worker)]
+    args = batch_infer.build_parser().parse_args(argv)
+    start = time.perf_counter()
+    summary = batch_infer.run(args)
+    wall = time.perf_counter() - start
+    (worker,) = summary["workers"].values()
+    return {"images": summary["restored"], "wall_s": round(wall, 3), "wall_img_s": summary["restored"] / wall,
+            "steady_img_s": steady_rate(png_dir, batch_size), "model_busy_img_s": worker["img_per_s"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--encoder", default="efficientnet-b4")
+    p.add_argument("--decoder-channels", default="256,128,64,32,16")
+    p.add_argument("--no-cbam", dest="cbam", action="store_false")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--shards", type=Path, help="an existing split dir instead of generated photos")
+    p.add_argument("--checkpoint", type=Path, help="a real checkpoint instead of a random one")
+    p.add_argument("--cpus-per-worker", type=float, help="passed to batch_infer (default: its own)")
+    p.add_argument("--tta", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke: 8 images of 64x64, tiny encoder, batch 4")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.n, args.size, args.batch_size = 8, 64, 4
+        args.encoder, args.decoder_channels, args.cbam = "tu-test_efficientnet", "16,8,8,8,8", False
+
+    import ray
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="infer_bench_") as tmp_name:
+        tmp = Path(tmp_name)
+        split = args.shards or make_shards(tmp / "data", args.n, args.size)
+        checkpoint = args.checkpoint or make_checkpoint(
+            tmp / "model.pt", args.encoder, tuple(int(c) for c in args.decoder_channels.split(",")), args.cbam)
+        print(f"data {split}, checkpoint {checkpoint}, batch {args.batch_size}, "
+              f"device {'cuda: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, "
+              f"{os.cpu_count()} CPUs", flush=True)
+
+        plain = plain_loop(split, checkpoint, tmp / "plain", args.batch_size, args.tta)
+        print(f"plain: {plain}", flush=True)
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
+        try:
+            distributed = ray_worker(split, checkpoint, tmp / "ray", args.batch_size, args.tta, args.cpus_per_worker)
+        finally:
+            ray.shutdown()
+        print(f"ray: {distributed}", flush=True)
+
+        same = sum((tmp / "plain" / p.name).read_bytes() == p.read_bytes() for p in (tmp / "ray").glob("*.png"))
+        result = {
+            "size": args.size, "images": plain["images"], "encoder": args.encoder, "batch_size": args.batch_size,
+            "tta": args.tta, "device": plain["device"], "cpus": os.cpu_count(), "plain": plain, "ray": distributed,
+            "identical_pngs": same,
+            "ratio_wall": distributed["wall_img_s"] / plain["wall_img_s"],
+            "ratio_steady": (distributed["steady_img_s"] / plain["steady_img_s"]
+                             if distributed["steady_img_s"] and plain["steady_img_s"] else None),
+        }
+    steady = f"{result['ratio_steady']:.2f}x" if result["ratio_steady"] else "n/a"
+    print(f"\n{'path':<6} {'wall img/s':>11} {'steady img/s':>13}")
+    for name in ("plain", "ray"):
+        r = result[name]
+        print(f"{name:<6} {r['wall_img_s']:>11.2f} {r['steady_img_s'] or float('nan'):>13.2f}")
+    print(f"ratio ray/plain: wall {result['ratio_wall']:.2f}x, steady {steady}; "
+          f"{same}/{plain['images']} PNGs byte-identical; plain profile s/img {plain['profile_s_per_img']}")
+    if args.json:
+        schema.atomic_write_json(args.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
