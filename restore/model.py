@@ -48,10 +48,8 @@ class ModelSpec:
         if isinstance(self.decoder_channels, list):
             object.__setattr__(self, "decoder_channels", tuple(self.decoder_channels))
         problems = []
-        if not isinstance(self.encoder, str) or not (
-            self.encoder.startswith("tu-") or self.encoder in smp.encoders.get_encoder_names()
-        ):
-            problems.append(f"encoder {self.encoder!r} is not an smp encoder name (nor a timm 'tu-...' name)")
+        if not _known_encoder(self.encoder):
+            problems.append(f"encoder {self.encoder!r} is not an smp encoder name (nor 'tu-' + a timm model name)")
         if self.encoder_weights is not None and (not isinstance(self.encoder_weights, str) or not self.encoder_weights):
             problems.append(f"encoder_weights must be None, 'imagenet' or a file path, got {self.encoder_weights!r}")
         if not _is_int(self.encoder_depth) or not 3 <= self.encoder_depth <= 5:
@@ -87,6 +85,16 @@ class ModelSpec:
         if unknown:
             raise ValueError(f"unknown ModelSpec keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
         return cls(**d)
+
+
+def _known_encoder(name: Any) -> bool:
+    if not isinstance(name, str):
+        return False
+    if name.startswith("tu-"):
+        import timm
+
+        return timm.is_model(name[3:])
+    return name in smp.encoders.get_encoder_names()
 
 
 def _is_int(x: Any) -> bool:
@@ -193,8 +201,8 @@ class Colorizer(_PaddedStage):
     """
 
     def __init__(self, spec: ModelSpec) -> None:
-        self.color_mode = spec.color_mode
         super().__init__(spec, in_channels=1, out_channels=3 if spec.color_mode == "rgb" else 2)
+        self.color_mode = spec.color_mode
 
     def forward(self, gray: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         out = torch.sigmoid(super().forward(gray).to(gray.dtype))
@@ -205,13 +213,16 @@ class Colorizer(_PaddedStage):
 
 def rgb_to_chroma(rgb: torch.Tensor) -> torch.Tensor:
     """B,3,H,W RGB in [0,1] -> B,2,H,W (Cb, Cr) in [0,1], full-range BT.601."""
-    m = rgb.new_tensor(_RGB_TO_CHROMA)
-    return torch.einsum("kc,bchw->bkhw", m, rgb) + 0.5
+    rgb = rgb.float()
+    with torch.autocast(rgb.device.type, enabled=False):  # a bf16 matmul would lose the luma/chroma precision
+        return torch.einsum("kc,bchw->bkhw", rgb.new_tensor(_RGB_TO_CHROMA), rgb) + 0.5
 
 
 def rgb_to_luma(rgb: torch.Tensor) -> torch.Tensor:
     """B,3,H,W -> B,1,H,W BT.601 luma (PIL convert('L') before its integer rounding)."""
-    return torch.einsum("c,bchw->bhw", rgb.new_tensor(LUMA_WEIGHTS), rgb).unsqueeze(1)
+    rgb = rgb.float()
+    with torch.autocast(rgb.device.type, enabled=False):
+        return torch.einsum("c,bchw->bhw", rgb.new_tensor(LUMA_WEIGHTS), rgb).unsqueeze(1)
 
 
 def compose_chroma(luma: torch.Tensor, chroma: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -221,8 +232,9 @@ def compose_chroma(luma: torch.Tensor, chroma: torch.Tensor, eps: float = 1e-6) 
     offset is scaled by the largest t in [0, 1] that keeps all of R, G, B in [0, 1]: the luma stays Y (zero-luma
     offsets), the hue stays, only the saturation of out-of-gamut colors drops.
     """
-    m = chroma.new_tensor(_CHROMA_TO_RGB)
-    delta = torch.einsum("ck,bkhw->bchw", m, chroma - 0.5)  # per-channel offset from gray, zero luma
+    luma, chroma = luma.float(), chroma.float()
+    with torch.autocast(luma.device.type, enabled=False):  # fp32: bf16 (8-bit mantissa) would shift the luma by up to ~4e-3
+        delta = torch.einsum("ck,bkhw->bchw", chroma.new_tensor(_CHROMA_TO_RGB), chroma - 0.5)  # zero-luma offsets
     room_up = (1.0 - luma) / delta.clamp_min(eps)
     room_down = luma / (-delta).clamp_min(eps)
     limit = torch.where(delta > eps, room_up, torch.where(delta < -eps, room_down, torch.full_like(delta, 1.0)))

@@ -121,8 +121,9 @@ def test_spec_round_trip_and_validation():
         ModelSpec(color_mode="lab")
     with pytest.raises(ValueError, match="decoder_channels has 3 entries, encoder_depth is 5"):
         ModelSpec(decoder_channels=(8, 8, 8))
-    with pytest.raises(ValueError, match="not an smp encoder name"):
-        ModelSpec(encoder="no-such-net")
+    for bad in ("no-such-net", "tu-no_such_net"):
+        with pytest.raises(ValueError, match=f"encoder '{bad}' is not an smp encoder name"):
+            ModelSpec(encoder=bad)
     with pytest.raises(ValueError, match="cbam must be a bool"):
         ModelSpec(cbam=1)
 
@@ -136,6 +137,9 @@ def test_chroma_mode_keeps_the_restored_luma():
     assert rgb.shape == (2, 3, 40, 72)
     # fp32 rounding only: the composition is exact in real arithmetic.
     assert (rgb_to_luma(rgb) - restored).abs().max() < 1e-5
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the composition itself stays in fp32
+        restored, rgb = model(gray, mask)
+    assert rgb.dtype == torch.float32 and (rgb_to_luma(rgb) - restored).abs().max() < 1e-5
 
 
 def test_compose_chroma_extreme_chroma_stays_in_gamut_with_exact_luma():
