@@ -45,7 +45,7 @@ def random_mask(
     """One 4-connected damage region covering a fraction of the image within ``area_range``.
 
     The target fraction is log-uniform (real holes: many small, few large). Returns ``(mask bool[H,W], shape)``.
-    A shape whose rasterization misses the range is redrawn; after a few misses a rectangle (always exact) is used.
+    A shape whose rasterization misses the range is redrawn; after a few misses a rectangle fitted to it is used.
     """
     lo, hi = float(area_range[0]), float(area_range[1])
     if not 0 < lo <= hi < 1:
@@ -243,7 +243,7 @@ def detect_mask(
 ) -> tuple[np.ndarray, int]:
     """The damage as the largest hard-edged 4-connected region of one exact gray value: ``(mask bool[H,W], fill)``.
 
-    Candidates are the largest region of each gray value that has enough "flat" pixels (equal to a 4-neighbour);
+    Candidates are the large regions of each gray value that has enough "flat" pixels (equal to a 4-neighbour);
     they are labelled largest count first, stopping once no remaining value could beat the best hard-edged region.
     A region is soft-edged when most pixels around it differ from its value by at most ``_SOFT_STEP``: that is how
     natural flat areas look (clipped shadows, blown-out sky fade into their surroundings), while pasted damage cuts
@@ -264,6 +264,10 @@ def detect_mask(
     # Every pixel of a region of >= 2 pixels is flat, so a value with fewer flat pixels cannot reach ``need``.
     flat_counts = np.bincount(gray[flat], minlength=256)
     candidates = [int(v) for v in np.argsort(-flat_counts, kind="stable") if flat_counts[v] >= need]
+    # Pixels that may belong to another constant region: they say nothing about how a region meets the photo.
+    is_candidate = np.zeros(256, dtype=bool)
+    is_candidate[candidates] = True
+    other_flat = flat & is_candidate[gray]
 
     found: list[tuple[int, int, np.ndarray, bool]] = []  # (area, value, region, soft)
     largest_seen, largest_value, best_hard = 0, -1, 0
@@ -273,17 +277,18 @@ def detect_mask(
         labels, _ = ndimage.label(gray == value, structure=_FOUR_CONNECTED)
         sizes = np.bincount(labels.ravel())
         sizes[0] = 0
-        label = int(sizes.argmax())
-        area = int(sizes[label])
-        if area > largest_seen:
-            largest_seen, largest_value = area, value
-        if area < need:
-            continue
-        region = labels == label
-        soft = _soft_edged(gray, region, value)
-        found.append((area, value, region, soft))
-        if not soft:
-            best_hard = max(best_hard, area)
+        if int(sizes.max()) > largest_seen:
+            largest_seen, largest_value = int(sizes.max()), value
+        # Every large region of this value: the hole may share its value with a larger natural flat area.
+        for label in np.argsort(-sizes, kind="stable")[:_MAX_REGIONS_PER_VALUE]:
+            area = int(sizes[label])
+            if area < need or area <= best_hard:
+                break
+            region = labels == label
+            soft = _soft_edged(gray, region, value, other_flat)
+            found.append((area, value, region, soft))
+            if not soft:
+                best_hard = area
     if not found:
         seen = f"the largest has {largest_seen} px (value {largest_value})" if largest_value >= 0 else "none is close"
         raise NoDamageFound(
@@ -303,16 +308,23 @@ def detect_mask(
 _SOFT_STEP = 2  # gray levels: a neighbour this close to the region's value continues it smoothly
 _SOFT_SHARE = 0.5  # share of such neighbours that makes a region soft-edged
 _MAX_CANDIDATES = 48  # bounds the work on smooth images with many flat values
+_MAX_REGIONS_PER_VALUE = 4
 
 
-def _soft_edged(gray: np.ndarray, region: np.ndarray, value: int) -> bool:
-    """Whether most 4-neighbours around ``region`` are within ``_SOFT_STEP`` of ``value`` (see ``detect_mask``)."""
+def _soft_edged(gray: np.ndarray, region: np.ndarray, value: int, ignore: np.ndarray) -> bool:
+    """Whether most 4-neighbours around ``region`` are within ``_SOFT_STEP`` of ``value`` (see ``detect_mask``).
+
+    Hard steps onto pixels in ``ignore`` (other flat regions, e.g. a hole cut into a shadow) are not counted.
+    """
     rows, cols = ndimage.find_objects(region.view(np.uint8))[0]
     rows = slice(max(rows.start - 1, 0), rows.stop + 1)
     cols = slice(max(cols.start - 1, 0), cols.stop + 1)
     inside = region[rows, cols]
     ring = ndimage.binary_dilation(inside, structure=_FOUR_CONNECTED) & ~inside
-    if not ring.any():
-        return True  # the whole image: nothing pasted onto anything
     steps = np.abs(gray[rows, cols][ring].astype(np.int16) - value)
-    return bool(np.mean(steps <= _SOFT_STEP) >= _SOFT_SHARE)
+    soft = steps <= _SOFT_STEP
+    # A hard step onto another flat region (a hole cut into a shadow) says nothing about this region's own edge.
+    counted = soft | ~ignore[rows, cols][ring]
+    if not counted.any():
+        return True  # nothing but other flat regions around it: no sign of a pasted edge
+    return bool(soft.sum() >= _SOFT_SHARE * counted.sum())

@@ -186,3 +186,30 @@ def test_detector_prefers_pasted_damage_over_a_larger_natural_flat_area():
     # Without a hard-edged candidate the largest region is still returned (the damage may blend in).
     found, value = damage.detect_mask(gray)
     assert value == 0 and found.sum() > 1900
+
+
+def test_detector_finds_a_hole_sharing_its_value_with_a_larger_flat_area():
+    """Fill 0 on a photo with a large black (clipped, soft-edged) background that the hole does not touch."""
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:128, 0:128]
+    distance = np.hypot(yy - 30, xx - 30)
+    gray = np.where(distance < 45, np.clip(distance - 25, 0, 255), rng.integers(100, 200, (128, 128)))
+    hole = np.zeros((128, 128), dtype=bool)
+    hole[90:120, 80:120] = True  # 1200 px of 0, far from the ~2000 px black disc
+    found, value = damage.detect_mask(damage.apply_damage(gray.astype(np.uint8), hole, 0))
+    assert value == 0 and np.array_equal(found, hole)
+
+
+def test_detector_finds_a_hole_cut_into_a_larger_flat_area():
+    """A C-shaped hole along the rim of a clipped black disc: most of the disc's edge is now the hole's hard edge,
+    but hard steps onto another flat region do not count, so the disc stays natural and the hole wins."""
+    rng = np.random.default_rng(4)
+    yy, xx = np.mgrid[0:128, 0:128]
+    distance = np.hypot(yy - 64, xx - 64)
+    gray = np.where(distance < 60, np.clip(distance - 45, 0, 255), rng.integers(100, 200, (128, 128)))
+    angle = np.arctan2(yy - 64, xx - 64)
+    hole = (distance >= 40) & (distance < 45) & (angle > -2.5)  # ~80% of the rim, ~1000 px; the disc keeps ~5000
+    damaged = damage.apply_damage(gray.astype(np.uint8), hole, 46)
+    assert (damaged == 0).sum() > 4 * hole.sum()
+    found, value = damage.detect_mask(damaged)
+    assert value == 46 and np.array_equal(found, hole)
