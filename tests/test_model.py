@@ -154,6 +154,16 @@ def test_compose_chroma_extreme_chroma_stays_in_gamut_with_exact_luma():
     assert (mid.amax(0) - mid.amin(0)).min() > 0.2
 
 
+def test_chroma_of_a_photo_with_its_own_luma_gives_the_photo_back():
+    from skimage import data as skdata
+
+    from restore.model import rgb_to_chroma
+
+    rgb = torch.from_numpy(skdata.astronaut()[::8, ::8].copy()).permute(2, 0, 1)[None].float() / 255
+    back = compose_chroma(rgb_to_luma(rgb), rgb_to_chroma(rgb))
+    assert (back - rgb).abs().max() < 1e-5  # in-gamut colors are never desaturated
+
+
 def _save(obj, path):
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(obj, path)
