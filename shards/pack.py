@@ -511,6 +511,14 @@ def _positive(text: str) -> int:
     return value
 
 
+def _usable_cpus() -> int:
+    """Cores this process may run on (a SLURM allocation or cgroup, not the whole node)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m shards.pack", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -518,25 +526,27 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("out_dir", type=Path, help="output folder; gets one sub-folder per split")
         p.add_argument("--shard-size", type=_positive, default=1000, help="samples per tar shard (default 1000)")
-        p.add_argument("--workers", type=_positive, default=os.cpu_count() or 1, help="processes (default: all cores)")
+        p.add_argument("--workers", type=_positive, default=_usable_cpus(), help="processes (default: usable cores)")
         p.add_argument("--skip-bad", action="store_true", help="skip bad files, listing them in the manifest")
 
     dacon = sub.add_parser("dacon", help="DACON layout: train.csv/test.csv with train_input/, train_gt/, test_input/")
-    dacon.add_argument("data_root", type=Path)
+    dacon.add_argument("data_root", type=Path, help="has train.csv and/or test.csv; their paths are relative to it")
     common(dacon)
     dacon.add_argument("--splits", default=None,
                        help="comma-separated subset of train,test (default: those whose CSV exists)")
 
     photos = sub.add_parser("photos", help="any folder of color photos, with synthetic DACON-style damage")
-    photos.add_argument("photo_dir", type=Path)
+    photos.add_argument("photo_dir", type=Path, help="photos (png/jpg/jpeg/bmp/tif/webp), searched recursively")
     common(photos)
-    photos.add_argument("--seed", type=int, required=True)
+    photos.add_argument("--seed", type=int, required=True, help="damage and validation split depend on it only")
     photos.add_argument("--size", type=int, default=512, help="output side in pixels (default 512)")
     photos.add_argument("--resize-mode", choices=("crop", "resize"), default="crop",
                         help="crop: center square then resize (default); resize: squash the whole photo")
     photos.add_argument("--val-fraction", type=float, default=0.0, help="fraction of photos in val/ (default 0)")
-    photos.add_argument("--fill-range", type=lambda t: _pair(t, int), default=(0, 100))
-    photos.add_argument("--area-range", type=lambda t: _pair(t, float), default=(0.01, 0.15))
+    photos.add_argument("--fill-range", type=lambda t: _pair(t, int), default=(0, 100),
+                        help="LO,HI gray value of the damage, inclusive (default 0,100)")
+    photos.add_argument("--area-range", type=lambda t: _pair(t, float), default=(0.01, 0.15),
+                        help="LO,HI hole fraction of the image (default 0.01,0.15)")
     return parser
 
 
