@@ -59,7 +59,9 @@ def _soft_hue_histogram(rgb: torch.Tensor, bins: int = 180, smooth_sigma: float 
     spread = vmax - rgb.amin(dim=1)
     safe = spread.clamp_min(1e-6)
     h = torch.where(
-        argmax == 0, 60.0 * (g - b) / safe, torch.where(argmax == 1, 120.0 + 60.0 * (b - r) / safe, 240.0 + 60.0 * (r - g) / safe)
+        argmax == 0,
+        60.0 * (g - b) / safe,
+        torch.where(argmax == 1, 120.0 + 60.0 * (b - r) / safe, 240.0 + 60.0 * (r - g) / safe),
     )
     pos = torch.remainder(h, 360.0) / 360.0 * bins  # in [0, bins)
     lo = torch.floor(pos)

@@ -233,7 +233,8 @@ def compose_chroma(luma: torch.Tensor, chroma: torch.Tensor, eps: float = 1e-6) 
     offsets), the hue stays, only the saturation of out-of-gamut colors drops.
     """
     luma, chroma = luma.float(), chroma.float()
-    with torch.autocast(luma.device.type, enabled=False):  # fp32: bf16 (8-bit mantissa) would shift the luma by up to ~4e-3
+    # fp32 even under autocast: bf16 (8-bit mantissa) would shift the luma by up to ~4e-3.
+    with torch.autocast(luma.device.type, enabled=False):
         delta = torch.einsum("ck,bkhw->bchw", chroma.new_tensor(_CHROMA_TO_RGB), chroma - 0.5)  # zero-luma offsets
     room_up = (1.0 - luma) / delta.clamp_min(eps)
     room_down = luma / (-delta).clamp_min(eps)
@@ -311,7 +312,9 @@ def _check_keys(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Te
     missing = [k for k in expected if k not in got]
     unexpected = [k for k in got if k not in expected]
     wrong = [
-        f"{k} {tuple(got[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if k in got and got[k].shape != v.shape
+        f"{k} {tuple(got[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in got and got[k].shape != v.shape
     ]
     if missing or unexpected or wrong:
         parts = []

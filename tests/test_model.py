@@ -104,8 +104,8 @@ def test_cbam_on_deepest_feature_sized_from_encoder(spec):
 
 
 def test_two_encoders_have_different_cbam_widths_and_cbam_can_be_off():
-    widths = {e: build_model(s).inpainter.net.cbam.channel_mlp[0].in_channels for e, s in (("a", TINY), ("b", TINY_WIDE))}
-    assert widths["a"] != widths["b"]
+    widths = [build_model(s).inpainter.net.cbam.channel_mlp[0].in_channels for s in (TINY, TINY_WIDE)]
+    assert widths[0] != widths[1]
     plain = build_model(dataclasses.replace(TINY, cbam=False))
     assert not any("cbam" in k for k in plain.state_dict())
 
