@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -100,9 +101,9 @@ def speed(n: int, size: int, workers: int, keep: Path | None) -> dict:
                         "--seed", "0", "--shard-size", "250"], check=True, cwd=Path(__file__).resolve().parents[1])
     split = out / "train"
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     keys, emb = curate.embed_split(split, curate.ThumbEmbedder(), workers=workers, progress=False)
-    t_embed = time.perf_counter() - t0
+    t_embed, c_embed = time.perf_counter() - t0, time.process_time() - c0
     import umap
     from sklearn.cluster import HDBSCAN
 
@@ -111,18 +112,22 @@ def speed(n: int, size: int, workers: int, keep: Path | None) -> dict:
     t_jit = time.perf_counter() - t0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         reduced = umap.UMAP(n_neighbors=5, n_components=2, min_dist=0.0, metric="cosine",
                             random_state=0).fit_transform(emb)
-        t_umap = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        t_umap, c_umap = time.perf_counter() - t0, time.process_time() - c0
+        t0, c0 = time.perf_counter(), time.process_time()
         labels = HDBSCAN(min_cluster_size=5, copy=True).fit_predict(reduced)
-        t_hdbscan = time.perf_counter() - t0
+        t_hdbscan, c_hdbscan = time.perf_counter() - t0, time.process_time() - c0
     per_k = 1000.0 / len(keys)
     return {"images": len(keys), "size": size, "workers": workers, "dim": int(emb.shape[1]),
             "sec_per_1000": {"embed": round(t_embed * per_k, 2), "umap": round(t_umap * per_k, 2),
                              "hdbscan": round(t_hdbscan * per_k, 3),
                              "total": round((t_embed + t_umap + t_hdbscan) * per_k, 2)},
+            # CPU seconds of this process: less sensitive to other load on the machine (workers=1 only for embed)
+            "cpu_sec_per_1000": {"embed": round(c_embed * per_k, 2), "umap": round(c_umap * per_k, 2),
+                                 "hdbscan": round(c_hdbscan * per_k, 3)},
+            "load_avg_1min": round(os.getloadavg()[0], 2),
             "umap_jit_once_sec": round(t_jit, 2), "groups": int(labels.max() + 1), "noise": int((labels < 0).sum()),
             "data": str(root)}
 

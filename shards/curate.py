@@ -15,9 +15,10 @@ Embedders (the gt image is embedded; the damaged input where a split has no gt):
   Measured on 22 distinct photos x 8 variants (crop to 75-95 % per side, 50 % horizontal flip, brightness x0.9-1.1,
   per-channel shift +-12, JPEG q40-90): 98-99 % of a family's variants in one group, 0.2-1 % of cross-photo pairs
   merged (bench/curate_speed.py --quality reproduces this).
-- ``clip``: an open_clip image tower (batched, on the GPU when there is one). ``--clip-weights`` is a local weights
-  file, or an open_clip pretrained tag (e.g. ``openai``), which open_clip downloads when online. open_clip is an
-  optional dependency (``pip install open_clip_torch``), imported only here.
+- ``clip``: an open_clip image tower (batched, on the GPU when there is one). ``--clip-model`` is an open_clip model
+  name or a model config .json; ``--clip-weights`` a local weights file, or an open_clip pretrained tag (e.g.
+  ``openai``), which open_clip downloads when online. open_clip is an optional dependency
+  (``pip install open_clip_torch``), imported only here.
 
 UMAP needs more images than ``--n-neighbors`` and HDBSCAN at least ``--min-cluster-size``: smaller splits are refused
 (exit 2) rather than clustered into noise. Exit codes: 0 done, 2 bad input or options.
@@ -164,14 +165,21 @@ class ClipEmbedder:
 
         self.torch = torch
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model_name = model
+        if model.endswith(".json"):  # a local model config: open_clip registers it under the file's stem
+            if not Path(model).is_file():
+                raise CurationError(f"{model}: open_clip model config does not exist")
+            open_clip.add_model_config(model)
+            model_name = Path(model).stem
         try:
-            net, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=weights, device=self.device)
+            net, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=weights,
+                                                                       device=self.device)
         except Exception as exc:  # unknown model name, weights that do not match it, a failed download
             raise CurationError(f"cannot load open_clip model {model!r} with weights {weights!r}: {exc}") from exc
         self.model = net.eval()
         self.preprocess = preprocess
-        self.params = {"model": model, "weights": weights if not _looks_like_path(weights) else Path(weights).name,
-                       "device": self.device}
+        shown = Path(weights).name if _looks_like_path(weights) else weights  # no local paths in the manifest
+        self.params = {"model": model_name, "weights": shown, "device": self.device}
 
     def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
         from PIL import Image
@@ -355,7 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("shards_dir", type=Path, help="packer output folder, or one split folder")
     p.add_argument("--split", default="train", help="split sub-folder to curate (default train)")
     p.add_argument("--embedder", choices=("thumb", "clip"), default="thumb")
-    p.add_argument("--clip-model", default="ViT-B-32", help="open_clip model name (default ViT-B-32)")
+    p.add_argument("--clip-model", default="ViT-B-32",
+                   help="open_clip model name, or a model config .json (default ViT-B-32)")
     p.add_argument("--clip-weights", default=None, help="local weights file or open_clip pretrained tag")
     p.add_argument("--n-neighbors", type=_positive, default=5)
     p.add_argument("--min-cluster-size", type=_positive, default=5)

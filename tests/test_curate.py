@@ -46,7 +46,8 @@ def near_duplicate(img, rng, size=112):
     if rng.random() < 0.5:
         out = out[:, ::-1]
     out = np.clip(out.astype(np.float32) * rng.uniform(0.92, 1.08) + rng.uniform(-10, 10, 3), 0, 255)
-    ok, jpeg = cv2.imencode(".jpg", out.astype(np.uint8)[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(50, 90))])
+    quality = [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(50, 90))]
+    ok, jpeg = cv2.imencode(".jpg", out.astype(np.uint8)[:, :, ::-1], quality)
     assert ok
     out = cv2.imdecode(jpeg, cv2.IMREAD_COLOR)[:, :, ::-1]
     return cv2.resize(out, (size, size), interpolation=cv2.INTER_AREA)
@@ -201,3 +202,34 @@ def test_clip_without_open_clip_says_so(tmp_path, tiny_shards):
     weights.write_bytes(b"not used")
     res = run_cli(["shards.curate", tiny_shards, "--embedder", "clip", "--clip-weights", weights, "--n-neighbors", "2"])
     assert res.returncode == 2 and "needs open_clip, which is not installed" in res.stderr
+
+
+TINY_CLIP = {"embed_dim": 16,
+             "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+             "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16, "heads": 1, "layers": 1}}
+
+
+def test_clip_embedder_loads_local_weights(tmp_path):
+    """The real open_clip loading path, with a tiny model config and weights made here (runs where open_clip is)."""
+    open_clip = pytest.importorskip("open_clip")
+    import torch
+
+    config = tmp_path / "tiny-clip-test.json"
+    config.write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(str(config))
+    torch.manual_seed(0)
+    reference = open_clip.create_model("tiny-clip-test").eval()
+    weights = tmp_path / "tiny.pt"
+    torch.save(reference.state_dict(), weights)
+
+    embedder = curate.ClipEmbedder(str(config), str(weights), device="cpu")
+    assert embedder.params == {"model": "tiny-clip-test", "weights": "tiny.pt", "device": "cpu"}
+    images = [_source(n) for n in ("astronaut", "coffee", "camera")]
+    got = embedder.embed(images)
+    with torch.no_grad():
+        batch = torch.stack([embedder.preprocess(Image.fromarray(im)) for im in images])
+        want = torch.nn.functional.normalize(reference.encode_image(batch), dim=-1).numpy()
+    assert got.shape == (3, 16) and np.allclose(got, want, atol=1e-5)  # the saved weights, not a fresh init
+
+    with pytest.raises(curate.CurationError, match="cannot load open_clip model 'no-such-model'"):
+        curate.ClipEmbedder("no-such-model", str(weights), device="cpu")

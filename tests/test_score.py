@@ -185,15 +185,18 @@ def test_uint8_mask_is_accepted():
     assert S.masked_ssim(img, pred, np.where(mask, 255, 0).astype(np.uint8)) == S.masked_ssim(img, pred, mask)
 
 
+_RGB32 = np.zeros((32, 32, 3), np.uint8)
+
+
 @pytest.mark.parametrize("gt, pred, mask, message", [
     (np.zeros((32, 32, 3), np.float32), np.zeros((32, 32, 3), np.uint8), None, "gt: expected dtype uint8, got float32"),
     (np.zeros((32, 32, 3), np.uint8), np.zeros((32, 32), np.uint8), None, r"pred: expected an RGB array .*\(32, 32\)"),
     (np.zeros((32, 32, 4), np.uint8), np.zeros((32, 32, 4), np.uint8), None, "gt: expected an RGB array"),
     (np.zeros((32, 32, 3), np.uint8), np.zeros((32, 16, 3), np.uint8), None, "shape mismatch"),
     (np.zeros((6, 32, 3), np.uint8), np.zeros((6, 32, 3), np.uint8), None, "smaller than the 7x7"),
-    (np.zeros((32, 32, 3), np.uint8), np.zeros((32, 32, 3), np.uint8), np.zeros((32, 31), bool), "mask: expected shape"),
-    (np.zeros((32, 32, 3), np.uint8), np.zeros((32, 32, 3), np.uint8), np.zeros((32, 32)), "mask: expected a bool"),
-    (np.zeros((32, 32, 3), np.uint8), np.zeros((32, 32, 3), np.uint8), np.ones((32, 32), np.uint8), "mask: expected a bool"),
+    (_RGB32, _RGB32, np.zeros((32, 31), bool), "mask: expected shape"),
+    (_RGB32, _RGB32, np.zeros((32, 32)), "mask: expected a bool"),
+    (_RGB32, _RGB32, np.ones((32, 32), np.uint8), "mask: expected a bool"),
 ])
 def test_bad_inputs(gt, pred, mask, message):
     with pytest.raises(ValueError, match=message):
