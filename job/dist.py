@@ -169,6 +169,19 @@ def all_gather_objects(obj):
     return out
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Overwrite every buffer (BatchNorm running statistics) with rank ``src``'s, in place.
+
+    DDP runs with broadcast_buffers=False (no per-step broadcast): each rank's running statistics follow its own
+    batches. Before validation the job makes all ranks evaluate rank 0's, the ones its checkpoints hold, so a
+    resumed run validates exactly like an uninterrupted one.
+    """
+    if not dist.is_initialized():
+        return
+    for buf in module.buffers():
+        dist.broadcast(buf, src=src)
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier(group=_control_group)

@@ -425,6 +425,7 @@ class Trainer:
                                  batch_size=d.val_batch_size, keep=self.plan.val_keep)
         loader = pipeline.val_loader(ds, self.plan.val_workers, pin_memory=self.device.type == "cuda")
         model = self.ema.module if self.ema is not None else self.model
+        dist.broadcast_buffers(model)
         t0 = time.perf_counter()
         sums = validate(model, loader, self.device, self.autocast_dtype, self.channels_last)
         total = dist.all_reduce_sum(sums, self.device)  # the one collective of a validation

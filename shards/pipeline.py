@@ -19,6 +19,7 @@ clear error) a split with fewer shards than ranks, and caps the workers at the s
 from __future__ import annotations
 
 import math
+import signal
 from dataclasses import dataclass
 from itertools import islice
 from typing import Iterator, Sequence
@@ -162,9 +163,18 @@ class TrainBatches(IterableDataset):
             yield collate(batch)
 
 
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """Loader workers ignore SIGTERM/SIGUSR1: launchers signal the whole process group (torchrun's killpg, SLURM),
+    and a worker dying of it would abort the step the main process is finishing before its checkpoint. The main
+    process still ends them (and they exit by themselves when it dies)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def train_loader(dataset: TrainBatches, num_workers: int, pin_memory: bool) -> DataLoader:
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None)
+                      persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None,
+                      worker_init_fn=ignore_stop_signals)
 
 
 def default_steps_per_epoch(num_train_samples: int, batch_size: int, world: int) -> int:
@@ -222,4 +232,5 @@ def _val_batch(samples: list) -> dict:
 
 
 def val_loader(dataset: ValSamples, num_workers: int, pin_memory: bool) -> DataLoader:
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                      worker_init_fn=ignore_stop_signals)
