@@ -4,6 +4,12 @@ Everything is generated here (scikit-image's bundled photos + synthetic images);
 """
 from __future__ import annotations
 
+import os
+
+# Tiny models on 2 shared cores run 5-10x slower with torch's default threads (they fight each other and the
+# torchrun/Ray/SLURM processes the suite starts); one thread per process, inherited by every subprocess.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import subprocess
 import sys
 from pathlib import Path
