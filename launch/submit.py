@@ -268,12 +268,12 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return EXIT_BAD_INPUT
     partition = opts.partition or os.environ.get("SBATCH_PARTITION")
-    # The job unpickles launch.submit.TrainTask: the repository must be importable there (env is exported).
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
     try:
         check_job_input(opts, job_args, opts.nodes * tasks_per_node)
         if not opts.local:
             check_partition(partition)
+        # The job unpickles launch.submit.TrainTask: the repository must be importable there (env is exported).
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
         executor = make_executor(opts, Path(job_args.out), tasks_per_node)
         try:
             job = executor.submit(TrainTask(job_argv))
