@@ -233,3 +233,11 @@ def test_clip_embedder_loads_local_weights(tmp_path):
 
     with pytest.raises(curate.CurationError, match="cannot load open_clip model 'no-such-model'"):
         curate.ClipEmbedder("no-such-model", str(weights), device="cpu")
+
+
+def test_parallel_embedding_matches_serial(tiny_shards):
+    split = tiny_shards / "train"
+    keys1, emb1 = curate.embed_split(split, curate.ThumbEmbedder(), workers=1, progress=False)
+    keys2, emb2 = curate.embed_split(split, curate.ThumbEmbedder(), workers=2, progress=False)
+    assert keys1 == keys2 == [k for s in read_manifest(split)["shards"] for k in s["keys"]]
+    assert emb1.shape == (9, emb1.shape[1]) and np.array_equal(emb1, emb2)
