@@ -132,7 +132,7 @@ def run_one(name: str, recipe: dict, source: str, args, device: torch.device, sp
     def step():
         b = batch_to_device(next(batches), device, recipe["channels_last"])
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            total, _ = step_fn(b["input"], b["mask"], b["gt_gray"], b["gt"])
+            total, _, _ = step_fn(b["input"], b["mask"], b["gt_gray"], b["gt"])
         scaler.scale(total).backward()
         scaler.step(opt)
         scaler.update()

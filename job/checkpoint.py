@@ -28,7 +28,7 @@ LATEST = "latest"
 BEST = "best.pt"
 _STEP_RE = re.compile(r"^step_(\d{8,})\.pt$")
 # Keys of a full training checkpoint; best.pt drops the training-only ones.
-TRAINING_ONLY = ("optimizer", "scheduler", "scaler", "disc_optimizer", "rng")
+TRAINING_ONLY = ("optimizer", "scheduler", "scaler", "disc_optimizer", "rng")  # best.pt keeps "discriminator"
 
 
 class CheckpointError(RuntimeError):

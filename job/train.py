@@ -148,15 +148,24 @@ def phase_at(plan: list[tuple[str, int, int]], step: int) -> tuple[str, int, int
 
 
 class StageLoss(nn.Module):
-    """The training forward of one phase, returning ``(total, terms)``; wrapped by DDP (and torch.compile)."""
+    """The training forward of one phase, returning ``(total, terms, fake)``; wrapped by DDP (and torch.compile).
 
-    def __init__(self, model: nn.Module, loss1: Stage1Loss, loss2: Stage2Loss, phase: str) -> None:
+    With a discriminator (``gan=true``) stage 2's output also gets the adversarial generator term; the
+    discriminator is held outside this module's parameters (its own DDP and optimizer, see ``DiscLoss``) and frozen
+    here, so the generator's backward only flows through it. ``fake`` is (colorizer input, rgb) detached, for the
+    discriminator's step, or None.
+    """
+
+    def __init__(self, model: nn.Module, loss1: Stage1Loss, loss2: Stage2Loss, phase: str,
+                 disc: nn.Module | None = None, adv_g=None, gan_weight: float = 0.0) -> None:
         super().__init__()
         self.model, self.loss1, self.loss2, self.phase = model, loss1, loss2, phase
+        self._disc = (disc,)  # a tuple: not a submodule, so not in this module's DDP
+        self.adv_g, self.gan_weight = adv_g, gan_weight
 
     def forward(self, gray, mask, gt_gray, gt_rgb):
         terms: dict[str, torch.Tensor] = {}
-        total = None
+        total, fake = None, None
         if self.phase in ("stage1", "joint"):
             restored = self.model.inpaint(gray, mask)
             total, terms1 = self.loss1(restored, gt_gray, mask)
@@ -168,7 +177,26 @@ class StageLoss(nn.Module):
             t2, terms2 = self.loss2(rgb, gt_rgb)
             terms.update(terms2)
             total = t2 if total is None else total + t2
-        return total, terms
+            disc = self._disc[0]
+            if disc is not None:
+                g_adv = self.adv_g(disc(torch.cat([restored, rgb], 1)))
+                terms["gan_g"] = g_adv.detach()
+                total = total + self.gan_weight * g_adv
+                fake = (restored.detach(), rgb.detach())
+        return total, terms, fake
+
+
+class DiscLoss(nn.Module):
+    """The discriminator's step: real (true gray, true rgb) vs fake (colorizer input, its rgb), conditional."""
+
+    def __init__(self, disc: nn.Module, adv_d) -> None:
+        super().__init__()
+        self.disc, self.adv_d = disc, adv_d
+
+    def forward(self, real_gray, real_rgb, fake_gray, fake_rgb):
+        real = self.disc(torch.cat([real_gray, real_rgb], 1))
+        fake = self.disc(torch.cat([fake_gray, fake_rgb], 1))
+        return self.adv_d(real, fake)
 
 
 def stage_params(model: nn.Module, phase: str) -> list[nn.Parameter]:
@@ -314,6 +342,22 @@ class Trainer:
         l = cfg.loss
         self.loss1 = Stage1Loss(l1=l.gray_l1, ssim=l.gray_ssim)
         self.loss2 = Stage2Loss(l1=l.rgb_l1, ssim=l.rgb_ssim, hue=l.rgb_hue, chroma=l.rgb_chroma)
+        self.disc = self.disc_opt = self.disc_step_fn = None
+        if o.gan:
+            from restore.gan import PatchDiscriminator, adversarial_losses
+
+            torch.manual_seed(r.seed + 1)
+            self.disc = PatchDiscriminator(in_channels=4).to(device)
+            if self.channels_last:
+                self.disc = self.disc.to(memory_format=torch.channels_last)
+            self.adv = adversarial_losses("hinge")
+            self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=o.gan_lr, betas=(0.5, 0.999),
+                                              weight_decay=0.0, fused=device.type == "cuda")
+            module = DiscLoss(self.disc, self.adv.discriminator)
+            if env.world_size > 1:
+                module = DDP(module, device_ids=[device.index] if device.type == "cuda" else None,
+                             bucket_cap_mb=r.ddp_bucket_mb, broadcast_buffers=False)
+            self.disc_step_fn = module
         self.step, self.best, self.best_step, self.bad_vals = 0, -math.inf, -1, 0
         self.last_val: dict = {}
         self.stop_signal: int | None = None
@@ -339,7 +383,8 @@ class Trainer:
             "model_spec": self.spec.to_dict(),
             "model": model_state,
             "ema": {k: v.detach().cpu() for k, v in self.ema.module.state_dict().items()} if self.ema else None,
-            "discriminator": None,
+            "discriminator": {k: v.detach().cpu() for k, v in self.disc.state_dict().items()} if self.disc else None,
+            "disc_optimizer": self.disc_opt.state_dict() if self.disc_opt else None,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -362,6 +407,12 @@ class Trainer:
         if self.ema is not None:
             self.ema.module.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.disc is not None:
+            if state.get("discriminator") is not None:
+                self.disc.load_state_dict(state["discriminator"])
+                self.disc_opt.load_state_dict(state["disc_optimizer"])
+            elif self.env.is_main:
+                print(f"warning: {path} has no discriminator: it starts from scratch", file=sys.stderr, flush=True)
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
@@ -396,7 +447,9 @@ class Trainer:
         live = {id(p) for p in stage_params(self.model, phase)}
         for p in self.model.parameters():
             p.requires_grad_(id(p) in live)
-        module = StageLoss(self.model, self.loss1, self.loss2, phase)
+        gan = self.disc is not None and phase in ("stage2", "joint")
+        module = StageLoss(self.model, self.loss1, self.loss2, phase, disc=self.disc if gan else None,
+                           adv_g=self.adv.generator if gan else None, gan_weight=self.cfg.loss.gan_weight)
         if dist.world_size() > 1:
             module = DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                          bucket_cap_mb=self.cfg.run.ddp_bucket_mb, gradient_as_bucket_view=True,
@@ -501,14 +554,24 @@ class Trainer:
     def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
         b = batch_to_device(batch, self.device, self.channels_last)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            total, terms = self.step_fn(b["input"], b["mask"], b["gt_gray"], b["gt"])
+            total, terms, fake = self.step_fn(b["input"], b["mask"], b["gt_gray"], b["gt"])
+        if fake is not None:
+            self.disc.requires_grad_(False)  # the generator's backward passes through, the D grads stay empty
         self.scaler.scale(total).backward()
         if self.cfg.optim.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.live_params, self.cfg.optim.grad_clip,
                                                                 foreach=True).detach()
         self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if fake is not None:
+            self.disc.requires_grad_(True)
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                d_loss = self.disc_step_fn(b["gt_gray"], b["gt"], *fake)
+            self.scaler.scale(d_loss).backward()
+            self.scaler.step(self.disc_opt)
+            self.disc_opt.zero_grad(set_to_none=True)
+            terms["gan_d"] = d_loss.detach()
+        self.scaler.update()  # once per step, after both optimizers
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         if self.ema is not None:
@@ -590,8 +653,6 @@ def main(argv: list[str] | None = None) -> int:
     # every rank, so a bad path makes every rank exit 2 instead of leaving the others waiting.
     try:
         precision = resolve_precision(cfg.run.precision, device)
-        if cfg.optim.gan:
-            raise ConfigError("gan=true: the PatchGAN term is not wired into this job yet")
         if (run_dir / DONE).exists() and cfg.run.resume == "auto":
             if env.is_main:
                 print(f"{run_dir / DONE} exists: this run already finished", flush=True)

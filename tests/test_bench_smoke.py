@@ -1,0 +1,37 @@
+"""CPU smoke runs of the training and loader benchmarks (tiny sizes, no timing assertions), so they cannot rot."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from distributed import REPO_ROOT, cpu_env
+
+
+def bench(script: str, *args) -> subprocess.CompletedProcess:
+    res = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / script), *map(str, args)], cwd=REPO_ROOT,
+                         env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def test_train_throughput_tiny_reports_both_recipes_and_the_ratio(tiny_shards, tmp_path):
+    res = bench("train_throughput.py", "--tiny", "--shards", tiny_shards, "--json", tmp_path / "t.json")
+    out = json.loads((tmp_path / "t.json").read_text())
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == out
+    assert {(r["source"], r["recipe"]) for r in out["rows"]} == {
+        (s, r) for s in ("synthetic", "shards") for r in ("seed", "default")}
+    for r in out["rows"]:
+        assert r["img_per_s"] > 0 and r["step_ms"] > 0 and r["loss"] == r["loss"]  # not NaN
+    seed = next(r for r in out["rows"] if r["recipe"] == "seed")
+    assert (seed["precision"], seed["channels_last"], seed["compile"]) == ("fp32", False, False)
+    assert set(out["ratio"]) == {"synthetic", "shards"} and "ratio default/seed (shards):" in res.stdout
+
+
+def test_loader_throughput_tiny_reports_per_worker_rate(tiny_shards, tmp_path):
+    res = bench("loader_throughput.py", "--tiny", "--shards", tiny_shards, "--json", tmp_path / "l.json")
+    out = json.loads((tmp_path / "l.json").read_text())
+    assert [r["workers"] for r in out["loader"]] == [0, 1]
+    assert out["per_worker_samples_s"] > 0 and out["workers_needed"] >= 1
+    assert set(out["per_sample"]) >= {"decode_gt_pil_ms", "decode_gt_cv2_ms", "decode_sample_all_ms"}
+    assert "samples/s per worker" in res.stdout
