@@ -9,9 +9,9 @@ Each task runs the job in-process with RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MA
 JobEnvironment. SLURM sends SIGUSR1 ``--signal-delay`` seconds before the time limit (or a preemption notice); the
 job writes a checkpoint and stops; then submitit requeues a fresh copy of the callable, which resumes from
 ``RUN_DIR/checkpoints/latest`` (``resume=auto``). Logs and submitit's pickles go to ``--logs`` (default
-``RUN_DIR/submitit``). Site settings: ``slurm/site.env`` (see ``slurm/site.env.example``) is sourced at the start
-of the job (modules, venv, network interfaces); ``SBATCH_PARTITION``/``SBATCH_ACCOUNT`` exported before submission
-are sbatch's own defaults.
+``RUN_DIR/submitit``). Site settings: ``slurm/site.env`` or ``$RESTORE_SITE_ENV`` (see ``slurm/site.env.example``)
+is sourced at the start of the job (modules, venv, network interfaces); ``SBATCH_PARTITION``/``SBATCH_ACCOUNT``
+exported before submission are sbatch's own defaults. docs/slurm.md has the whole story.
 
 Exit status: 0 submitted (or, with ``--wait``, finished), 2 bad arguments or a refused submission, otherwise the
 job's exit code (``--wait``).
@@ -44,7 +44,7 @@ os.environ.setdefault("SUBMITIT_PREEMPT_SIGNAL", "USR1")
 import submitit  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SITE_ENV = REPO_ROOT / "slurm" / "site.env"
+SITE_ENV = Path(os.environ.get("RESTORE_SITE_ENV") or REPO_ROOT / "slurm" / "site.env")
 EXIT_BAD_INPUT, EXIT_PREEMPTED = 2, 75
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                    "DEADLINE", "PREEMPTED", "SPECIAL_EXIT"}

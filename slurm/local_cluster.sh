@@ -222,7 +222,7 @@ down() {
     stop_slurm_daemons
     # Steps whose slurmd is gone (a crash, a timeout above) would run on: none may outlive `down`.
     local left
-    left=$(pgrep -x slurmstepd || true)
+    left=$(pgrep -x slurmstepd 2>/dev/null || true)
     if [[ -n $left && -e $CONF ]] && grep -qF "$MARK" "$CONF"; then
         log "killing leftover slurmstepd: $(echo $left)"
         kill -KILL $left 2>/dev/null || true
