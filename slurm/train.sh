@@ -18,9 +18,9 @@
 # the shell requeues the job (`scontrol requeue`), and the next run resumes (resume=auto). A job that SLURM kills
 # itself (scontrol requeue, preemption, scancel) sends SIGTERM to the step: the job checkpoints in KillWait; a requeue
 # from SLURM brings it back the same way.
-# Exit status: 0 finished (RUN_DIR/done.json), 75 stopped by USR1 and requeued (or stopped by SLURM's SIGTERM
-# after a checkpoint: RUN_DIR/preempted.json), 2 bad arguments (e.g. no shards
-# dir), otherwise torchrun's failure (each rank's exit code is in the log).
+# Exit status: 0 finished (RUN_DIR/done.json); 75 stopped by USR1 and requeued, or stopped by SLURM's SIGTERM
+# after a checkpoint (RUN_DIR/preempted.json); 2 bad arguments (e.g. no shards dir), checked before srun;
+# otherwise torchrun's failure (torchrun exits 1 for any failed worker; each rank's exit code is in the log).
 #
 # Site settings live in slurm/site.env beside this script (copy site.env.example; absent is fine), or in the file
 # named by RESTORE_SITE_ENV: modules, venv, python, NCCL/GLOO interfaces, CPU processes per node. The SBATCH_*
@@ -40,13 +40,16 @@ set -uo pipefail
 
 log() { echo "train.sh[${SLURM_JOB_ID:-nojob}]: $*" >&2; }
 
+if [[ -z ${SLURM_JOB_ID:-} ]]; then
+    log "error: not inside a SLURM job: submit it with sbatch (see the header of $0)"
+    exit 2
+fi
+
 # Under sbatch this file runs from a spool copy: find the repository through the job's Command.
 script_path=$0
-if [[ -n ${SLURM_JOB_ID:-} ]]; then
-    cmd=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *Command=//p' | head -n1)
-    (($#)) && cmd=${cmd% "$*"}   # Command= is the submitted path followed by the arguments
-    [[ -n $cmd && -f $cmd ]] && script_path=$cmd
-fi
+cmd=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *Command=//p' | head -n1)
+(($#)) && cmd=${cmd% "$*"}   # Command= is the submitted path followed by the arguments
+[[ -n $cmd && -f $cmd ]] && script_path=$cmd
 SLURM_DIR=$(cd "$(dirname "$script_path")" && pwd)
 REPO_ROOT=${RESTORE_ROOT:-$(dirname "$SLURM_DIR")}
 if [[ ! -f $REPO_ROOT/job/train.py ]]; then
@@ -95,9 +98,9 @@ for a in "$@"; do [[ $a == resume=* ]] && have_resume=1; done
 # Counts come from the allocation. srun no longer inherits --cpus-per-task from sbatch (Slurm >= 22.05).
 export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}
 export NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
-MASTER_HOST=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-$(hostname -s)}" | head -n1)
+MASTER_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
 # A port per job id (stable across requeues of the same job, distinct for jobs sharing a node).
-export RDZV_ENDPOINT=$MASTER_HOST:$((29500 + ${SLURM_JOB_ID:-0} % 20000))
+export RDZV_ENDPOINT=$MASTER_HOST:$((29500 + SLURM_JOB_ID % 20000))
 
 # Runs once per node (srun task): processes = the node's GPUs, else NPROC_PER_NODE CPU processes (gloo).
 # No nvidia-smi count: on nodes without device cgroups it shows GPUs that belong to other jobs.
@@ -115,7 +118,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ${SLURM_CPUS_PER_TASK:-1} / nproc 
 trap '' USR1
 echo "node ${SLURMD_NODENAME:-?} (${SLURM_NODEID:-0}/$NNODES): torchrun nproc-per-node=$nproc threads=$OMP_NUM_THREADS rdzv=$RDZV_ENDPOINT" >&2
 exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc-per-node="$nproc" \
-    --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="${SLURM_JOB_ID:-0}" \
+    --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="$SLURM_JOB_ID" \
     --rdzv-conf="is_host=$is_host" --max-restarts=0 -m job.train "$@"
 EOF
 
@@ -133,16 +136,14 @@ trap on_usr1 USR1
 trap on_term TERM
 
 started=$(date +%s)
-log "$NNODES node(s) $(scontrol show hostnames "${SLURM_JOB_NODELIST:-}" | tr '\n' ' ')| restart ${SLURM_RESTART_COUNT:-0} | out $out"
+log "$NNODES node(s) $(scontrol show hostnames "$SLURM_JOB_NODELIST" | tr '\n' ' ')| restart ${SLURM_RESTART_COUNT:-0} | out $out"
 srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
     bash -c "$NODE_LAUNCH" restore-node "$@" &
 srun_pid=$!
-# `wait` returns early when a trapped signal arrives: keep waiting until srun itself is gone.
-while :; do
-    wait "$srun_pid"
-    rc=$?
-    kill -0 "$srun_pid" 2>/dev/null || break
-done
+# `wait` returns early when a trapped signal arrives: keep waiting until srun itself is gone, then take its status.
+while kill -0 "$srun_pid" 2>/dev/null; do wait "$srun_pid"; done
+wait "$srun_pid"
+rc=$?
 [[ -n $resender ]] && kill "$resender" 2>/dev/null
 
 fresh() { [[ -f $1 && $(stat -c %Y "$1") -ge $started ]]; }
