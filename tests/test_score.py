@@ -287,39 +287,50 @@ def test_cli_zip_of_gray_predictions_matches_reference(tmp_path, val_split):
     assert {"ssim", "masked_ssim", "hist_sim", "n"} <= set(lines)
 
 
-def test_cli_bad_predictions(tmp_path, val_split):
+def test_cli_bad_predictions(tmp_path, val_split, capsys):
+    """In-process ``main`` (the same code as the CLI; saves a process start per case)."""
     split, samples = val_split
+
+    def run(*args):
+        code = S.main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
     keys = sorted(samples)
     preds = _write_preds(tmp_path / "pred", samples, lambda s: s.gt)
 
     (preds / f"{keys[0]}.png").unlink()
     (preds / "EXTRA_1.png").write_bytes((preds / f"{keys[1]}.png").read_bytes())
-    res = run_cli(["restore.score", preds, split])
-    assert res.returncode == 2 and res.stdout == ""
-    assert f"missing predictions for 1 key(s): {keys[0]}" in res.stderr
-    assert "EXTRA_1.png" in res.stderr and "no gt" in res.stderr
+    code, out, err = run(preds, split)
+    assert code == 2 and out == ""
+    assert f"missing predictions for 1 key(s): {keys[0]}" in err
+    assert "EXTRA_1.png" in err and "no gt" in err
     (preds / "EXTRA_1.png").unlink()
 
     Image.fromarray(samples[keys[0]].input).save(preds / f"{keys[0]}.png")  # gray, mode L
-    res = run_cli(["restore.score", preds, split])
-    assert res.returncode == 2 and f"{keys[0]}.png: expected an RGB PNG, got PIL mode L" in res.stderr
+    code, out, err = run(preds, split)
+    assert code == 2 and f"{keys[0]}.png: expected an RGB PNG, got PIL mode L" in err
 
     Image.fromarray(samples[keys[0]].gt[:32]).save(preds / f"{keys[0]}.png")
-    res = run_cli(["restore.score", preds, split])
-    assert res.returncode == 2 and f"{keys[0]}.png: size 64x32, expected 64x64" in res.stderr
+    code, out, err = run(preds, split)
+    assert code == 2 and f"{keys[0]}.png: size 64x32, expected 64x64" in err
 
     (preds / f"{keys[0]}.png").write_bytes(b"not a png")
-    res = run_cli(["restore.score", preds, split])
-    assert res.returncode == 2 and f"{keys[0]}.png: cannot read as PNG" in res.stderr
+    code, out, err = run(preds, split)
+    assert code == 2 and f"{keys[0]}.png: cannot read as PNG" in err
 
     nested = tmp_path / "nested.zip"
     with zipfile.ZipFile(nested, "w") as zf:
         for key in keys:
             zf.writestr(f"sub/{key}.png", b"")
-    res = run_cli(["restore.score", nested, split])
-    assert res.returncode == 2 and "inside a folder (the zip must be flat)" in res.stderr
+    code, out, err = run(nested, split)
+    assert code == 2 and "inside a folder (the zip must be flat)" in err
 
-    res = run_cli(["restore.score", tmp_path / "nothing", split])
-    assert res.returncode == 2 and "nothing: no such file or folder" in res.stderr
-    res = run_cli(["restore.score", preds, tmp_path])
-    assert res.returncode == 2 and "no manifest" in res.stderr
+    code, out, err = run(tmp_path / "nothing", split)
+    assert code == 2 and "nothing: no such file or folder" in err
+    code, out, err = run(preds, tmp_path)
+    assert code == 2 and "no manifest" in err
+
+    (preds / f"{keys[0]}.png").unlink()
+    res = run_cli(["restore.score", preds, split, "--json"])  # and the real process exits 2 as well
+    assert res.returncode == 2 and res.stdout == "" and f"missing predictions for 1 key(s): {keys[0]}" in res.stderr
