@@ -13,10 +13,10 @@ of ``KEY.png``:
 - ray:    ``python -m restore.batch_infer --workers 1 --no-zip`` in-process on a local Ray: read tasks, one model
           actor, PNG-writer tasks, all overlapping.
 
-Reported per path: wall img/s (ray: including the actor's start-up, model load and first call; plain: excluding the
-model load and one warm-up batch, printed separately), and steady img/s from the PNG files' mtimes (images after the first batch / time from the first
-batch's last file to the last file), which is what a long job sees. Without ``--checkpoint`` the model is randomly
-initialised (speed does not depend on the weights). No data given: photos are generated and packed with the real
+Reported per path: wall img/s (ray: including the actor's start-up, model load and first call; plain: excluding
+the model load and one warm-up batch, printed separately), and steady img/s (images after the first finished batch
+/ time from the first finished batch to the last, as the driver sees them arrive): what a long job sees. Without
+``--checkpoint`` the model is randomly initialised (speed does not depend on the weights). No data given: photos are generated and packed with the real
 ``python -m shards.pack photos``.
 """
 from __future__ import annotations
@@ -70,15 +70,6 @@ def make_checkpoint(path: Path, encoder: str, decoder_channels: tuple[int, ...],
     return path
 
 
-def steady_rate(png_dir: Path, batch: int) -> float | None:
-    """Images per second after the first batch, from the written files' modification times."""
-    times = sorted(p.stat().st_mtime for p in png_dir.glob("*.png"))
-    if len(times) <= batch:
-        return None
-    span = times[-1] - times[batch - 1]
-    return (len(times) - batch) / span if span > 0 else None
-
-
 def plain_loop(split: Path, checkpoint: Path, png_dir: Path, batch_size: int, tta: bool) -> dict:
     """The single-process baseline, with a per-stage profile (seconds per image)."""
     start = time.perf_counter()
@@ -89,6 +80,7 @@ def plain_loop(split: Path, checkpoint: Path, png_dir: Path, batch_size: int, tt
     load_s = time.perf_counter() - start
     prof = {"read_decode": 0.0, "model": 0.0, "encode_write": 0.0}
     count = 0
+    arrivals: list[tuple[float, int]] = []
 
     def flush(batch: list) -> None:
         t = time.perf_counter()
@@ -100,6 +92,7 @@ def plain_loop(split: Path, checkpoint: Path, png_dir: Path, batch_size: int, tt
         for sample, image in zip(batch, rgb):
             schema.atomic_write_bytes(png_dir / f"{sample.key}.png", schema.encode_png(image, "RGB"))
         prof["encode_write"] += time.perf_counter() - t
+        arrivals.append((time.perf_counter(), len(batch)))
 
     start = time.perf_counter()
     batch: list = []
@@ -118,7 +111,7 @@ def plain_loop(split: Path, checkpoint: Path, png_dir: Path, batch_size: int, tt
             break
     wall = time.perf_counter() - start
     return {"images": count, "model_load_s": round(load_s, 3), "wall_s": round(wall, 3),
-            "wall_img_s": count / wall, "steady_img_s": steady_rate(png_dir, batch_size),
+            "wall_img_s": count / wall, "steady_img_s": batch_infer.steady_rate(arrivals),
             "profile_s_per_img": {k: round(v / max(count, 1), 5) for k, v in prof.items()},
             "device": str(engine.device)}
 
@@ -135,7 +128,7 @@ def ray_worker(split: Path, checkpoint: Path, png_dir: Path, batch_size: int, tt
     wall = time.perf_counter() - start
     (worker,) = summary["workers"].values()
     return {"images": summary["restored"], "wall_s": round(wall, 3), "wall_img_s": summary["restored"] / wall,
-            "steady_img_s": steady_rate(png_dir, batch_size), "model_busy_img_s": worker["img_per_s"]}
+            "steady_img_s": summary["steady_img_per_s"], "model_busy_img_s": worker["img_per_s"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
         plain = plain_loop(split, checkpoint, tmp / "plain", args.batch_size, args.tta)
         print(f"plain: {plain}", flush=True)
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
         try:
             distributed = ray_worker(split, checkpoint, tmp / "ray", args.batch_size, args.tta, args.cpus_per_worker)
         finally:

@@ -39,7 +39,7 @@ def ray_address():
     import ray
 
     # Two CPUs: one for the model actor, one left for the read and write tasks (fewer would hang the pipeline).
-    ctx = ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ctx = ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ctx.address_info["gcs_address"]
     ray.shutdown()
 
