@@ -258,6 +258,18 @@ def test_submit_missing_shards_is_refused_at_submission(cluster, tmp_path, capsy
     assert not (tmp_path / "run").exists()
 
 
+def test_submit_wait_exits_with_the_jobs_status(cluster, shards, tmp_path):
+    # A resume target that does not exist is the job's to refuse (exit 2 on every task, at start).
+    missing = tmp_path / "no-such.pt"
+    out = sh(sys.executable, SUBMIT, "--nodes", 2, "--wait", "--shards", shards, "--out", tmp_path / "run",
+             f"resume={missing}", *TINY, cwd=tmp_path, timeout=400)
+    assert out.returncode == 2, out.stdout + out.stderr
+    job_id = re.search(r"submitted job (\d+) to SLURM: 2 node\(s\) x 1 task\(s\)", out.stdout).group(1)
+    assert f"job {job_id}: FAILED" in out.stdout
+    assert f"job {job_id} ended FAILED (exit code 2)" in out.stderr
+    assert f"resume={missing}: no such checkpoint file or run dir" in out.stderr  # the log's tail, shown
+
+
 def test_sbatch_train_sh_preempted_on_two_nodes_resumes_and_matches_uninterrupted(runs, reference):
     fields = wait_job(runs["sbatch_id"], runs["deadline"])
     run_dir = runs["out"]["sbatch"]
