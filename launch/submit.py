@@ -63,8 +63,8 @@ def rendezvous_port(job_id: str) -> int:
 class TrainTask:
     """The submitted callable: one instance per task; ``checkpoint()`` gives SLURM a fresh copy to requeue."""
 
-    def __init__(self, job_argv: list[str]) -> None:
-        self.job_argv = list(job_argv)
+    def __init__(self, job_argv: list[str], run_dir: Path) -> None:
+        self.job_argv, self.run_dir = list(job_argv), Path(run_dir)
 
     def __call__(self) -> dict[str, Any]:
         env = submitit.JobEnvironment()
@@ -79,7 +79,7 @@ class TrainTask:
         # submitit's handler of the stop notice (checkpoint() + requeue); job.train replaces it while it trains.
         submitit_handler = signal.getsignal(signal.SIGUSR1)
         rc = train.main(self.job_argv)
-        run_dir = Path(train.parse_args(self.job_argv).out)
+        run_dir = self.run_dir
         if rc == train.EXIT_OK:
             done = run_dir / train.DONE
             return {"run_dir": str(run_dir), "done": json.loads(done.read_text()) if done.exists() else None}
@@ -97,8 +97,12 @@ class TrainTask:
         sys.exit(rc)
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
-        # The run dir holds the state; a fresh copy resumes from its latest complete checkpoint (resume=auto).
-        return submitit.helpers.DelayedSubmission(TrainTask(self.job_argv))
+        # The run dir holds the state: a fresh copy resumes from its latest complete checkpoint (resume=auto),
+        # whatever the first run started from (resume=never, or a checkpoint to fine-tune).
+        argv = self.job_argv
+        if (self.run_dir / "checkpoints" / "latest").exists():
+            argv = [a for a in argv if not a.startswith("resume=")] + ["resume=auto"]
+        return submitit.helpers.DelayedSubmission(TrainTask(argv, self.run_dir))
 
 
 # ------------------------------------------------------------------------------------------------- the parser
@@ -276,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
         executor = make_executor(opts, Path(job_args.out), tasks_per_node)
         try:
-            job = executor.submit(TrainTask(job_argv))
+            job = executor.submit(TrainTask(job_argv, job_args.out))
         except Exception as exc:  # submitit wraps sbatch's refusal; its text is what the user needs
             raise SubmitError(f"submission refused: {str(exc).strip()}") from None
     except SubmitError as exc:

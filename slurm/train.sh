@@ -6,8 +6,8 @@
 #          slurm/train.sh --shards SHARDS_DIR --out RUN_DIR [key=value ...]
 #
 # Everything after the script goes to `python -m job.train` unchanged, so every training option works here.
-# `resume=auto` is added unless given: a requeued (or resubmitted) job continues from RUN_DIR/checkpoints/latest,
-# a fresh RUN_DIR starts at step 0.
+# `resume=auto` is added unless given (and always on a requeued run that has a checkpoint): a requeued or
+# resubmitted job continues from RUN_DIR/checkpoints/latest; a fresh RUN_DIR starts at step 0.
 #
 # Run dir (docs/architecture.md): RUN_DIR/config.json, metrics.jsonl, tb/, checkpoints/step_*.pt, checkpoints/latest
 # (the newest complete checkpoint), checkpoints/best.pt, done.json (written when training finished).
@@ -93,7 +93,11 @@ if [[ -z $out ]]; then log "error: --out RUN_DIR is required"; exit 2; fi
 
 have_resume=0
 for a in "$@"; do [[ $a == resume=* ]] && have_resume=1; done
-((have_resume)) || set -- "$@" resume=auto
+if ((${SLURM_RESTART_COUNT:-0} > 0)) && [[ -f $out/checkpoints/latest ]]; then
+    set -- "$@" resume=auto   # a requeued run continues its own checkpoints, whatever the first run started from
+elif ((!have_resume)); then
+    set -- "$@" resume=auto
+fi
 
 # Counts come from the allocation. srun no longer inherits --cpus-per-task from sbatch (Slurm >= 22.05).
 export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}

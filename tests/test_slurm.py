@@ -143,12 +143,13 @@ def runs(cluster, shards, tmp_path_factory):
     deadline = time.monotonic() + JOB_DEADLINE_S
     ref = Proc([sys.executable, SUBMIT, "--local", "--tasks-per-node", 2, "--wait", "--shards", shards,
                 "--out", out["ref"], *TINY], cwd=root)
+    # resume=never on the first run: the requeued run must still continue its own checkpoint.
     sb = sh("sbatch", "--parsable", "--nodes", 2, "--output", root / "sbatch-%j.out", TRAIN_SH,
-            "--shards", shards, "--out", out["sbatch"], *TINY, cwd=root)
+            "--shards", shards, "--out", out["sbatch"], *TINY, "resume=never", cwd=root)
     assert sb.returncode == 0, sb.stderr
     sbatch_id = sb.stdout.strip().split(";")[0]
     sub = Proc([sys.executable, SUBMIT, "--nodes", 2, "--wait", "--shards", shards, "--out", out["submitit"],
-                *TINY], cwd=root)
+                *TINY, "resume=never"], cwd=root)
     signalled: dict[str, float] = {}
 
     def preempt() -> None:
