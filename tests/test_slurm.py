@@ -224,14 +224,18 @@ def test_sbatch_wrong_partition_is_refused_at_submission(cluster, shards, tmp_pa
 
 def test_sbatch_missing_shards_fails_before_srun_with_the_path(cluster, tmp_path):
     missing = tmp_path / "no-shards-here"
+    # Site settings come from the env file (here named by RESTORE_SITE_ENV), sourced before anything else.
+    site = tmp_path / "site.env"
+    site.write_text('SITE_GREETING="site file sourced"\necho "$SITE_GREETING" >&2\n')
     sb = sh("sbatch", "--parsable", "--output", tmp_path / "log-%j.out", TRAIN_SH, "--shards", missing,
-            "--out", tmp_path / "run", *TINY, cwd=tmp_path)
+            "--out", tmp_path / "run", *TINY, cwd=tmp_path, env={**os.environ, "RESTORE_SITE_ENV": str(site)})
     assert sb.returncode == 0, sb.stderr
     job_id = sb.stdout.strip()
     fields = wait_job(job_id, time.monotonic() + 120)
     assert fields["JobState"] == "FAILED" and fields["ExitCode"] == "2:0", fields
     log = (tmp_path / f"log-{job_id}.out").read_text()
     assert f"shards dir {missing} does not exist" in log
+    assert f"site settings from {site}" in log and "site file sourced" in log
     assert "torchrun" not in log  # refused before any srun step
     assert not (tmp_path / "run").exists()
 
