@@ -16,13 +16,13 @@ of ``KEY.png``:
 Reported per path: wall img/s (ray: including the actor's start-up, model load and first call; plain: excluding
 the model load and one warm-up batch, printed separately), and steady img/s (images after the first finished batch
 / time from the first finished batch to the last, as the driver sees them arrive): what a long job sees. Without
-``--checkpoint`` the model is randomly initialised (speed does not depend on the weights). No data given: photos are generated and packed with the real
-``python -m shards.pack photos``.
+``--checkpoint`` the model is randomly initialised (speed does not depend on the weights). No data given: photos are
+generated and packed with the real ``python -m shards.pack photos``. The steady figures are bursty at small n (the
+write stage hands batches back in groups); use a few hundred images or more.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -181,10 +181,13 @@ def main(argv: list[str] | None = None) -> int:
                              if distributed["steady_img_s"] and plain["steady_img_s"] else None),
         }
     steady = f"{result['ratio_steady']:.2f}x" if result["ratio_steady"] else "n/a"
-    print(f"\n{'path':<6} {'wall img/s':>11} {'steady img/s':>13}")
+    plain["model_img_s"] = 1.0 / plain["profile_s_per_img"]["model"] if plain["profile_s_per_img"]["model"] else None
+    distributed["model_img_s"] = distributed["model_busy_img_s"]
+    print(f"\n{'path':<6} {'wall img/s':>11} {'steady img/s':>13} {'model img/s':>12}")
     for name in ("plain", "ray"):
         r = result[name]
-        print(f"{name:<6} {r['wall_img_s']:>11.2f} {r['steady_img_s'] or float('nan'):>13.2f}")
+        print(f"{name:<6} {r['wall_img_s']:>11.2f} {r['steady_img_s'] or float('nan'):>13.2f} "
+              f"{r['model_img_s'] or float('nan'):>12.2f}")
     print(f"ratio ray/plain: wall {result['ratio_wall']:.2f}x, steady {steady}; "
           f"{same}/{plain['images']} PNGs byte-identical; plain profile s/img {plain['profile_s_per_img']}")
     if args.json:

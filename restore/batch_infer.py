@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
 import os
 import re
@@ -54,7 +53,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -108,7 +107,7 @@ def plan_shards(split_dir: str | os.PathLike) -> Plan:
             raise BadInput(f"{split_dir / schema.MANIFEST_NAME}: shard {entry['name']} lists no keys")
         items.append({"kind": "shard", "path": str(path), "keys": shard_keys})
         keys.extend(shard_keys)
-    duplicates = sorted({k for k in keys if keys.count(k) > 1}) if len(set(keys)) != len(keys) else []
+    duplicates = sorted(k for k, n in Counter(keys).items() if n > 1)
     if duplicates:
         raise BadInput(f"{split_dir / schema.MANIFEST_NAME}: keys listed twice: {', '.join(duplicates[:10])}")
     if not keys:
@@ -558,6 +557,8 @@ def run(args: argparse.Namespace) -> dict:
 
     out = Path(args.out) if args.out else None
     png_dir = Path(args.png_dir) if args.png_dir else default_png_dir(out)
+    if plan.kind == "images" and png_dir.resolve() == plan.source.resolve():
+        raise BadInput(f"--png-dir {png_dir} is the input folder: KEY.png would overwrite the damaged inputs")
     png_dir.mkdir(parents=True, exist_ok=True)
     removed = remove_temp_files(png_dir)
     done = finished_keys(png_dir) & set(plan.keys)

@@ -6,7 +6,8 @@ weights sum to exactly 65536, so adding the same integer ``d`` to R, G and B rai
 YCbCr "replace Y, keep Cb/Cr" operation done in integers, and it makes ``L(out) == input`` bit-exactly wherever no
 channel clips. Where a channel clips at 0 or 255 the rest of the shift goes to the channels that can still move,
 scaled by their share of the weights (a few rounds); pixels that still miss fall back to the neutral gray
-``(v, v, v)``, whose L is ``v`` exactly (they sit at the ends of the range, where chroma is negligible anyway). Everything stays on the tensor's device so a GPU worker never round-trips through the host.
+``(v, v, v)``, whose L is ``v`` exactly (they sit at the ends of the range, where chroma is negligible anyway).
+Everything stays on the tensor's device so a GPU worker never round-trips through the host.
 """
 from __future__ import annotations
 

@@ -271,7 +271,7 @@ def test_composite_matches_pil_luma_exactly_even_where_channels_clip():
     assert np.array_equal(same, rgb)
 
 
-@pytest.mark.parametrize("case", ["mismatched", "missing", "empty_dir", "no_runs"])
+@pytest.mark.parametrize("case", ["mismatched", "missing", "empty_dir", "no_runs", "png_dir_is_input"])
 def test_bad_checkpoint_or_source_exits_2_before_any_work(case, ckpt, tiny_dacon_shards, tmp_path, capsys):
     split = tiny_dacon_shards / "test"
     args = ["--shards", str(split), "--checkpoint", str(ckpt), "--out", str(tmp_path / "s.zip")]
@@ -286,12 +286,21 @@ def test_bad_checkpoint_or_source_exits_2_before_any_work(case, ckpt, tiny_dacon
     elif case == "empty_dir":
         (tmp_path / "empty").mkdir()
         args[1], needle = str(tmp_path / "empty"), str(tmp_path / "empty")
-    else:
+    elif case == "no_runs":
         args = args[:2] + args[4:] + ["--runs-dir", str(tmp_path / "runs")]
         needle = "no --checkpoint given and no run with checkpoints"
+    else:
+        scans = tmp_path / "scans"
+        scans.mkdir()
+        Image.fromarray(np.zeros((16, 16), np.uint8)).save(scans / "a.png")
+        args = ["--images", str(scans), "--checkpoint", str(ckpt), "--png-dir", str(scans), "--out",
+                str(tmp_path / "s.zip")]
+        needle = "is the input folder"
     assert batch_infer.main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and needle in err
     if case == "mismatched":
         assert "does not match its model_spec" in err
     assert not (tmp_path / "s.zip").exists() and not (tmp_path / "s_png").exists()
+    if case == "png_dir_is_input":
+        assert sorted(p.name for p in (tmp_path / "scans").iterdir()) == ["a.png"]
