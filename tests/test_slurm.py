@@ -27,9 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "slurm" / "local_cluster.sh"
 TRAIN_SH = REPO / "slurm" / "train.sh"
 SUBMIT = REPO / "launch" / "submit.py"
-MAX_STEPS = 12
+MAX_STEPS = 24  # enough steps after the first that the notice lands mid-run on a fast machine too
 TINY = ["encoder=tu-test_efficientnet", "decoder_channels=16,8,8,8,8", "cbam=false", "crop_size=64",
-        "batch_size=2", "num_workers=0", f"max_steps={MAX_STEPS}", "val_every=6", "log_every=1"]
+        "batch_size=2", "num_workers=0", f"max_steps={MAX_STEPS}", "val_every=12", "log_every=1"]
 JOB_DEADLINE_S = 600  # for all three runs together (they go in parallel)
 
 
