@@ -79,8 +79,10 @@ def loader_rate(urls: list[str], augment: pipeline.Augment, batch: int, workers:
     rate = n / dt
     # Workers run ahead (prefetch), so their CPU over the window can cover a few more samples than were consumed;
     # over many batches this error shrinks.
+    # CPU time has clock-tick resolution (10 ms): a window shorter than a few ticks (--tiny) falls back to wall time.
+    cpu_ms = cpu / n * 1e3 if cpu >= 0.05 else dt * max(1, workers) / n * 1e3
     return {"workers": workers, "samples_per_s": rate, "per_worker": rate / max(1, workers),
-            "cpu_ms_per_sample": cpu / n * 1e3, "torch_threads": torch.get_num_threads()}
+            "cpu_ms_per_sample": cpu_ms, "torch_threads": torch.get_num_threads()}
 
 
 def _proc_cpu_seconds(pid: int) -> float:
