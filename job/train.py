@@ -653,6 +653,9 @@ def main(argv: list[str] | None = None) -> int:
     # every rank, so a bad path makes every rank exit 2 instead of leaving the others waiting.
     try:
         precision = resolve_precision(cfg.run.precision, device)
+        weights = spec.encoder_weights
+        if weights not in (None, "imagenet") and not Path(weights).is_file():
+            raise ConfigError(f"encoder_weights={weights}: no such file")
         if (run_dir / DONE).exists() and cfg.run.resume == "auto":
             if env.is_main:
                 print(f"{run_dir / DONE} exists: this run already finished", flush=True)

@@ -180,6 +180,7 @@ def test_cli_bad_override_exits_2(shards2, tmp_path):
     (["precision=fp16"], ["precision=fp16 needs a CUDA device"]),
     (["encoder=no-such-net"], ["encoder 'no-such-net' is not an smp encoder name"]),
     (["resume=/no/such/file.pt"], ["resume=/no/such/file.pt: no such checkpoint file or run dir"]),
+    (["encoder_weights=/no/such.pth"], ["encoder_weights=/no/such.pth: no such file"]),
 ])
 def test_bad_config_exits_2_in_process(shards2, tmp_path, capsys, args, message):
     from job.train import main
