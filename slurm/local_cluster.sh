@@ -215,6 +215,7 @@ down() {
         # Jobs first, so that no slurmstepd or training process outlives the cluster.
         if [[ -n $(squeue -h -o %i 2>/dev/null) ]]; then
             log "cancelling jobs: $(squeue -h -o %i | tr '\n' ' ')"
+            # shellcheck disable=SC2046  # one argument per job id
             scancel --full $(squeue -h -o %i) 2>/dev/null || true
             for _ in $(seq 60); do [[ -z $(squeue -h -o %i 2>/dev/null) ]] && break; sleep 1; done
         fi

@@ -77,7 +77,7 @@ export PYTHON=${PYTHON:-python}
 export PYTHONPATH=$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}
 
 # The two paths the job needs: check them here so that a typo fails now, with the name, not inside N x G processes.
-shards= out=
+shards='' out=''
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do
     case ${args[i]} in
@@ -126,7 +126,7 @@ exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc-per-node="$np
     --rdzv-conf="is_host=$is_host" --max-restarts=0 -m job.train "$@"
 EOF
 
-stop_requested=0 resender=
+stop_requested=0 resender=''
 on_usr1() {
     ((stop_requested)) && return
     stop_requested=1
