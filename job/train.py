@@ -414,7 +414,8 @@ class Trainer:
             elif self.env.is_main:
                 print(f"warning: {path} has no discriminator: it starts from scratch", file=sys.stderr, flush=True)
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state.get("scaler"):  # empty when the saving run had no scaler (not fp16)
+            self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         m = state.get("metrics") or {}
         self.best, self.best_step = float(m.get("best_score", -math.inf)), int(m.get("best_step", -1))
