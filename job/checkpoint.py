@@ -78,7 +78,8 @@ def step_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(run_dir: str | os.PathLike, state: dict, *, keep_last: int) -> Path:
-    """Write ``state`` as ``step_<step>.pt``, point ``latest`` at it, then drop step files beyond the last ``keep_last``."""
+    """Write ``state`` as ``step_<step>.pt``, point ``latest`` at it, then drop step files older than the last
+    ``keep_last``."""
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"state must have format {CHECKPOINT_FORMAT!r}")
     d = checkpoint_dir(run_dir)

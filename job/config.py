@@ -229,7 +229,8 @@ def validate(cfg: Config) -> None:
     need(d.shuffle_buffer >= 1, f"shuffle_buffer={d.shuffle_buffer}: must be >= 1")
     need(0.0 <= d.remask_prob <= 1.0, f"remask_prob={d.remask_prob}: must be in [0, 1]")
     need(0.0 < d.hole_min <= d.hole_max < 1.0, f"hole_min={d.hole_min}, hole_max={d.hole_max}: need 0 < min <= max < 1")
-    need(0 <= d.fill_min <= d.fill_max <= 255, f"fill_min={d.fill_min}, fill_max={d.fill_max}: need 0 <= min <= max <= 255")
+    need(0 <= d.fill_min <= d.fill_max <= 255,
+         f"fill_min={d.fill_min}, fill_max={d.fill_max}: need 0 <= min <= max <= 255")
     need(d.num_folds >= 2, f"num_folds={d.num_folds}: must be >= 2")
     need(0 <= d.fold < d.num_folds, f"fold={d.fold}: must be in 0..num_folds-1 ({d.num_folds - 1})")
     need(d.val_max_samples >= 0, f"val_max_samples={d.val_max_samples}: must be >= 0")

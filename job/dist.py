@@ -64,7 +64,8 @@ def slurm_hostnames(nodelist: str) -> list[str]:
     return hosts
 
 
-def detect(environ: Mapping[str, str] | None = None, hostnames: Callable[[str], list[str]] = slurm_hostnames) -> DistEnv:
+def detect(environ: Mapping[str, str] | None = None,
+           hostnames: Callable[[str], list[str]] = slurm_hostnames) -> DistEnv:
     """The process-group description from the environment: torchrun first, SLURM tasks as fallback, else single."""
     environ = os.environ if environ is None else environ
     if "RANK" in environ and "WORLD_SIZE" in environ:

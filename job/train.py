@@ -17,7 +17,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import resource
 import signal
 import sys
@@ -35,11 +34,11 @@ from job import dist
 from job.config import Config, ConfigError, parse_overrides
 from restore.losses import Stage1Loss, Stage2Loss
 from restore.model import CHECKPOINT_FORMAT, ModelSpec, build_model
-from restore.score import SCORE_FIELDS, score_image, score_sums, summarize_sums
+from restore.score import score_image, score_sums, summarize_sums
 from shards import pipeline
 from shards.folds import assign_folds
 from shards.reader import read_manifest, shard_paths
-from shards.schema import atomic_write_json
+from shards.schema import atomic_write_bytes, atomic_write_json
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_PREEMPTED = 0, 2, 75
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -282,7 +281,6 @@ class RunLog:
             # Drop what was logged after the checkpoint we resume from (a hard kill can leave such lines).
             keep = [ln for ln in self.path.read_text().splitlines() if ln.strip()
                     and json.loads(ln).get("step", 0) <= resume_step]
-            from shards.schema import atomic_write_bytes
             atomic_write_bytes(self.path, "".join(ln + "\n" for ln in keep).encode())
         from torch.utils.tensorboard import SummaryWriter
         self.tb = SummaryWriter(str(run_dir / "tb"))
@@ -402,7 +400,8 @@ class Trainer:
     def load(self, path: Path) -> None:
         state = ckpt.load_checkpoint(path, map_location="cpu")
         if state["model_spec"] != self.spec.to_dict():
-            raise InputError(f"{path}: model_spec {state['model_spec']} differs from this config's {self.spec.to_dict()}")
+            raise InputError(f"{path}: model_spec {state['model_spec']} differs from this config's "
+                             f"{self.spec.to_dict()}")
         self.model.load_state_dict(state["model"])
         if self.ema is not None:
             self.ema.module.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])

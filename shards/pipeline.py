@@ -62,7 +62,7 @@ class Augment:
     hflip: bool = True
 
     def __call__(self, raw: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """Raw webdataset sample -> uint8 arrays ``input`` [c,c], ``mask`` [c,c] (1 = hole), ``gt`` [c,c,3], ``gt_gray``."""
+        """Raw webdataset sample -> uint8 ``input`` [c,c], ``mask`` [c,c] (1 = hole), ``gt`` [c,c,3], ``gt_gray``."""
         where = f"sample {raw.get('__key__', '?')!r} in {raw.get('__url__', '?')}"
         remask = rng.random() < self.remask_prob
         if remask:

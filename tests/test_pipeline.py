@@ -2,8 +2,6 @@
 exact mid-epoch restart with several loader workers, and validation coverage (each sample once over ranks x workers)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
