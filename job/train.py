@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import math
 import resource
@@ -125,6 +126,11 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return name
 
 
+# BatchNorm statistics are not broadcast at every forward (validation syncs them from rank 0 instead, see
+# dist.broadcast_buffers); torch >= 2.14 renamed the option.
+NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                          if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+                          else {"broadcast_buffers": False})
 AUTOCAST_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
@@ -354,7 +360,7 @@ class Trainer:
             module = DiscLoss(self.disc, self.adv.discriminator)
             if env.world_size > 1:
                 module = DDP(module, device_ids=[device.index] if device.type == "cuda" else None,
-                             bucket_cap_mb=r.ddp_bucket_mb, broadcast_buffers=False)
+                             bucket_cap_mb=r.ddp_bucket_mb, **NO_FORWARD_BUFFER_SYNC)
             self.disc_step_fn = module
         self.step, self.best, self.best_step, self.bad_vals = 0, -math.inf, -1, 0
         self.last_val: dict = {}
@@ -453,7 +459,7 @@ class Trainer:
         if dist.world_size() > 1:
             module = DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                          bucket_cap_mb=self.cfg.run.ddp_bucket_mb, gradient_as_bucket_view=True,
-                         broadcast_buffers=False)
+                         **NO_FORWARD_BUFFER_SYNC)
         self.step_fn = torch.compile(module) if self.compile else module
         self.live_params = [p for p in self.model.parameters() if p.requires_grad]
         self.phase = phase
