@@ -115,7 +115,11 @@ def init(env: DistEnv, device: torch.device, timeout_s: float = 600.0) -> None:
     """Join the process group (no-op for one process). Exports the torchrun variables for libraries that read them
     (webdataset's node splitter, DataLoader workers)."""
     global _control_group
-    if not env.distributed or dist.is_initialized():
+    if dist.is_initialized():  # joined by the caller (tests, an embedding launcher): only add the control group
+        if _control_group is None:
+            _control_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        return
+    if not env.distributed:
         return
     os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
                       MASTER_ADDR=str(env.master_addr), MASTER_PORT=str(env.master_port))
