@@ -144,8 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"demo: wrote {len(photos)} photo crops from scikit-image's bundled photos to {out / 'photos'}")
 
     shards_dir = out / "shards"
+    # Several shards per split, so that each of the 2 ranks gets its own validation shards.
+    shard_size = max(1, len(photos) // 16)
     run([py, "-m", "shards.pack", "photos", str(out / "photos"), str(shards_dir), "--seed", str(args.seed),
-         "--size", "512", "--val-fraction", "0.2", "--shard-size", "8"], log)
+         "--size", "512", "--val-fraction", "0.2", "--shard-size", str(shard_size)], log)
 
     run_dir = out / "run"
     steps = args.steps or (2000 if on_gpu else 240)

@@ -1,0 +1,42 @@
+"""The README's first command, shrunk: the real demo (pack -> torchrun DDP training -> Ray inference -> zip -> score ->
+picture) with 16 photo crops and 4 training steps."""
+from __future__ import annotations
+
+import json
+import zipfile
+
+import pytest
+from PIL import Image
+
+from conftest import run_cli
+
+
+@pytest.mark.dist
+@pytest.mark.ray
+def test_demo_runs_end_to_end_and_reports_scores_and_a_picture(tmp_path):
+    out = tmp_path / "demo"
+    proc = run_cli(["launch.demo", "--out", out, "--steps", "4", "--crops-per-photo", "2"], timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    val_keys = json.loads((out / "shards" / "val" / "manifest.json").read_text())
+    keys = sorted(k for shard in val_keys["shards"] for k in shard["keys"])
+    assert len(keys) >= 2
+
+    with zipfile.ZipFile(out / "submission.zip") as zf:
+        names = sorted(zf.namelist())
+        assert names == sorted(f"{k}.png" for k in keys)  # flat, exactly the held-out keys
+        with zf.open(names[0]) as f, Image.open(f) as img:
+            assert (img.mode, img.size) == ("RGB", (512, 512))
+
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["scores"]) == {"model", "gray_copy", "opencv_inpaint"}
+    for scores in report["scores"].values():
+        assert scores["n"] == len(keys)
+        assert 0.0 <= scores["score"] <= 1.0
+    assert report["margin_over_gray_copy"] == pytest.approx(
+        report["scores"]["model"]["score"] - report["scores"]["gray_copy"]["score"])
+
+    with Image.open(out / "grid.png") as grid:
+        assert grid.size == (4 * 512, min(4, len(keys)) * 512)
+    assert "model - gray_copy" in proc.stdout
+    assert (out / "run" / "checkpoints" / "best.pt").is_file()
