@@ -304,3 +304,35 @@ def test_bad_checkpoint_or_source_exits_2_before_any_work(case, ckpt, tiny_dacon
     assert not (tmp_path / "s.zip").exists() and not (tmp_path / "s_png").exists()
     if case == "png_dir_is_input":
         assert sorted(p.name for p in (tmp_path / "scans").iterdir()) == ["a.png"]
+
+
+@pytest.mark.slurm
+def test_slurm_ray_cluster_runs_batch_infer_over_two_nodes_and_stops_ray(ckpt, tiny_dacon_shards, tmp_path):
+    """slurm/ray_cluster.sh on the local two-node SLURM: head + worker node, the job's zip, no Ray left behind."""
+    import random
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("the local SLURM cluster needs root")
+    repo = Path(__file__).resolve().parents[1]
+    cluster = repo / "slurm" / "local_cluster.sh"
+    was_up = subprocess.run(["bash", cluster, "status"], capture_output=True).returncode == 0
+    up = subprocess.run(["bash", cluster, "up"], capture_output=True, text=True, timeout=900)
+    assert up.returncode == 0, up.stderr
+    port = random.randint(20000, 29999)  # not 6379: other Ray clusters may run on this machine
+    try:
+        split = tiny_dacon_shards / "test"
+        job = subprocess.run(
+            ["sbatch", "--wait", "--nodes", "2", "--output", str(tmp_path / "job.out"),
+             str(repo / "slurm" / "ray_cluster.sh"), "--shards", str(split), "--checkpoint", str(ckpt),
+             "--out", str(tmp_path / "sub.zip"), "--batch-size", "2"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_PORT": str(port)})
+        log = (tmp_path / "job.out").read_text()
+        assert job.returncode == 0, log[-4000:]
+        assert "ray_cluster: 2 node(s) up" in log and "batch_infer exited 0" in log
+        assert sorted(_zip_images(tmp_path / "sub.zip")) == sorted(f"{k}.png" for k in _keys(split))
+        ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        assert f"--gcs_server_port={port}" not in ps and f"127.0.0.1:{port}" not in ps
+    finally:
+        if not was_up:
+            subprocess.run(["bash", cluster, "down"], capture_output=True, timeout=300)
