@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from restore.model import CHECKPOINT_FORMAT
-from shards.schema import atomic_write_bytes
+from shards.schema import atomic_write, atomic_write_bytes
 
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
@@ -45,23 +44,7 @@ def step_file_name(step: int) -> str:
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temp file next to ``path``, fsync, rename: the file is complete or absent."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a crash
-    finally:
-        os.close(dir_fd)
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def step_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
