@@ -307,13 +307,12 @@ def test_bad_checkpoint_or_source_exits_2_before_any_work(case, ckpt, tiny_dacon
 
 
 @pytest.mark.slurm
+@pytest.mark.skipif(os.geteuid() != 0, reason="the local SLURM cluster needs root")
 def test_slurm_ray_cluster_runs_batch_infer_over_two_nodes_and_stops_ray(ckpt, tiny_dacon_shards, tmp_path):
     """slurm/ray_cluster.sh on the local two-node SLURM: head + worker node, the job's zip, no Ray left behind."""
     import random
     import subprocess
 
-    if os.geteuid() != 0:
-        pytest.skip("the local SLURM cluster needs root")
     repo = Path(__file__).resolve().parents[1]
     cluster = repo / "slurm" / "local_cluster.sh"
     was_up = subprocess.run(["bash", cluster, "status"], capture_output=True).returncode == 0

@@ -21,7 +21,8 @@ import torch
 
 from conftest import run_cli
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm,
+              pytest.mark.skipif(os.geteuid() != 0, reason="the local SLURM cluster needs root")]
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "slurm" / "local_cluster.sh"
@@ -106,8 +107,6 @@ class Proc:
 # ------------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def cluster():
-    if os.geteuid() != 0:
-        pytest.skip("the local SLURM cluster needs root")
     was_up = sh("bash", CLUSTER, "status").returncode == 0
     up = sh("bash", CLUSTER, "up", timeout=900)
     assert up.returncode == 0, f"local_cluster.sh up failed:\n{up.stdout}\n{up.stderr}"
