@@ -14,16 +14,6 @@ from restore.model import ModelSpec, build_model, rgb_to_luma
 TINY = ModelSpec(encoder="tu-test_efficientnet", decoder_channels=(32, 16, 16, 8, 8))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on the 2-core CI box, tests and other processes run side by side, and torch's thread
-    pool oversubscribed by them ran these tiny models several times slower than one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _photo(name="astronaut", size=64, y=100, x=180):
     img = getattr(skdata, name)()[y : y + 4 * size : 4, x : x + 4 * size : 4, :3]
     return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float() / 255.0

@@ -25,16 +25,6 @@ TINY = ModelSpec(encoder="tu-test_efficientnet", decoder_channels=(32, 16, 16, 8
 TINY_WIDE = dataclasses.replace(TINY, encoder="tu-test_resnet")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on the 2-core CI box, tests and other processes run side by side, and torch's thread
-    pool oversubscribed by them ran these tiny models several times slower than one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _inputs(b=2, h=64, w=64, seed=0):
     g = torch.Generator().manual_seed(seed)
     gray = torch.rand(b, 1, h, w, generator=g)
