@@ -16,7 +16,6 @@ The last line is JSON. Workers needed = ceil(gpu_img_s * headroom / per-worker s
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import os

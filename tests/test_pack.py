@@ -204,7 +204,7 @@ def test_dacon_round_trip_exact_and_detected_masks(tiny_dacon_root, tiny_dacon_t
         source_gt = tiny_dacon_root / "train_gt" / f"{key}.png"
         assert members["input.png"] == source_input.read_bytes()  # the source PNG, byte for byte
         assert members["gt.png"] == source_gt.read_bytes()
-        gray, gt, mask = png(members["input.png"]), png(members["gt.png"]), png(members["mask.png"]) == 255
+        gray, mask = png(members["input.png"]), png(members["mask.png"]) == 255
         luma = np.asarray(Image.open(source_gt).convert("L"))
         assert np.array_equal(mask, gray != luma)  # the exact-mask rule, independently
         fill = truth["fills"][key]
