@@ -7,7 +7,7 @@ A sample in a tar shard is four adjacent members with one KEY (the input file's 
     KEY.gt.png      8-bit RGB, the undamaged original (absent on test data)
     KEY.json        SampleMeta as JSON
 
-Only numpy and Pillow are imported here so that every floor (and ``restore.score``) can use it cheaply.
+Only numpy, Pillow and OpenCV are imported here so that every floor (and ``restore.score``) can use it cheaply.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -77,13 +78,33 @@ def tar_safe_key(stem: str) -> str:
     return key or "sample"
 
 
-def encode_png(array: np.ndarray, mode: str, compress_level: int = 1) -> bytes:
-    """PNG bytes of a uint8 array in PIL ``mode`` ('L' or 'RGB'). Level 1: lossless anyway, ~5x faster than 6."""
+# PNG writer settings by name. Measured on 512x512 RGB photos (bench/png_codec.py): libpng's adaptive filter search
+# costs more than the deflate itself, while the UP filter with run-length deflate is 2x faster to write and 1.7x faster
+# to read than zlib level 1 with adaptive filters, and a few percent smaller. "none" stores raw rows (4x faster again,
+# 2x larger); "small" is PNG's usual level-6 adaptive encoding for when bytes matter more than time.
+PNG_COMPRESSION = {
+    "fast": [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP,
+             cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE],
+    "none": [cv2.IMWRITE_PNG_COMPRESSION, 0, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE],
+    "small": [cv2.IMWRITE_PNG_COMPRESSION, 6, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_ALL_FILTERS],
+}
+_PNG_SHAPES = {"L": 2, "RGB": 3}
+
+
+def encode_png(array: np.ndarray, mode: str, compression: str = "fast") -> bytes:
+    """PNG bytes of a uint8 array: (H,W) for mode 'L', (H,W,3) for 'RGB'; ``compression`` names a PNG_COMPRESSION."""
     if array.dtype != np.uint8:
         raise ValueError(f"expected uint8, got {array.dtype}")
-    buf = io.BytesIO()
-    Image.fromarray(array, mode=mode).save(buf, format="PNG", compress_level=compress_level)
-    return buf.getvalue()
+    if mode not in _PNG_SHAPES:
+        raise ValueError(f"mode {mode!r}: expected one of {sorted(_PNG_SHAPES)}")
+    if array.ndim != _PNG_SHAPES[mode] or (mode == "RGB" and array.shape[2] != 3):
+        raise ValueError(f"mode {mode}: expected shape {'(H,W)' if mode == 'L' else '(H,W,3)'}, got {array.shape}")
+    if compression not in PNG_COMPRESSION:
+        raise ValueError(f"compression {compression!r}: expected one of {sorted(PNG_COMPRESSION)}")
+    ok, buf = cv2.imencode(".png", array[:, :, ::-1] if mode == "RGB" else array, PNG_COMPRESSION[compression])
+    if not ok:
+        raise ValueError(f"OpenCV could not encode a {array.shape} array as PNG")
+    return buf.tobytes()
 
 
 def decode_png(data: bytes, mode: str, what: str = "image") -> np.ndarray:

@@ -35,3 +35,18 @@ def test_loader_throughput_tiny_reports_per_worker_rate(tiny_shards, tmp_path):
     assert out["per_worker_samples_s"] > 0 and out["workers_needed"] >= 1
     assert set(out["per_sample"]) >= {"decode_gt_pil_ms", "decode_gt_cv2_cpu_ms", "decode_sample_all_ms"}
     assert "samples/s per worker" in res.stdout
+
+
+def test_png_codec_tiny_compares_every_setting_with_the_reference(tiny_shards, tmp_path):
+    from shards.schema import PNG_COMPRESSION
+
+    res = bench("png_codec.py", "--tiny", "--json", tmp_path / "p.json")
+    out = json.loads((tmp_path / "p.json").read_text())
+    assert set(out["rows"]) == {"pil-level1"} | {f"project-{name}" for name in PNG_COMPRESSION}
+    assert out["rows"]["pil-level1"]["encode_speedup"] == 1.0
+    for row in out["rows"].values():
+        assert row["encode_ms"] > 0 and row["decode_opencv_ms"] > 0 and row["kib"] > 0
+    # stored rows are the raw pixels plus framing, whatever the machine: larger than any deflated setting
+    assert out["rows"]["project-none"]["kib"] > 64 * 64 * 3 / 1024 > out["rows"]["project-fast"]["kib"]
+    res = bench("png_codec.py", "--tiny", "--shards", tiny_shards / "train", "--n", "3")
+    assert json.loads(res.stdout.strip().splitlines()[-1])["images"] == 3
