@@ -13,6 +13,11 @@ of ``KEY.png``:
 - ray:    ``python -m restore.batch_infer --workers 1 --no-zip`` in-process on a local Ray: read tasks, one model
           actor, PNG-writer tasks, all overlapping.
 
+Then the CPU side alone, in CPU seconds of one core per image (robust to a busy machine): the read stage
+(``batch_infer.read_item``: tar, input and mask decode, no gt) and the write stage (``encode_png`` + atomic write) for
+each ``--png-compression`` setting, and the cores a GPU needs beside it at ``--target-img-s`` (default 500): what
+bounds the end-to-end rate once the GPU is fast enough.
+
 Reported per path: wall img/s (ray: including the actor's start-up, model load and first call; plain: excluding
 the model load and one warm-up batch, printed separately), and steady img/s (images after the first finished batch
 / time from the first finished batch to the last, as the driver sees them arrive): what a long job sees. Without
@@ -96,7 +101,7 @@ def plain_loop(split: Path, checkpoint: Path, png_dir: Path, batch_size: int, tt
 
     start = time.perf_counter()
     batch: list = []
-    samples = iter_samples(shard_paths(split))
+    samples = iter_samples(shard_paths(split), with_gt=False)
     while True:
         t = time.perf_counter()
         sample = next(samples, None)
@@ -114,6 +119,28 @@ def plain_loop(split: Path, checkpoint: Path, png_dir: Path, batch_size: int, tt
             "wall_img_s": count / wall, "steady_img_s": batch_infer.steady_rate(arrivals),
             "profile_s_per_img": {k: round(v / max(count, 1), 5) for k, v in prof.items()},
             "device": str(engine.device)}
+
+
+def cpu_budget(split: Path, rgb_dir: Path, scratch: Path, target_img_s: float) -> dict:
+    """CPU seconds per image of the read stage and of each write setting; cores needed at ``target_img_s``."""
+    plan = batch_infer.plan_shards(split)
+    start = time.process_time()
+    rows = [row for item in plan.items for row in batch_infer.read_item(item, with_gt=False)]
+    read_s = (time.process_time() - start) / len(rows)
+    images = [schema.decode_png(p.read_bytes(), "RGB") for p in sorted(rgb_dir.glob("*.png"))]
+    scratch.mkdir(parents=True, exist_ok=True)
+    out = {"read_cpu_s": read_s, "write": {}}
+    for setting in schema.PNG_COMPRESSION:
+        start, size = time.process_time(), 0
+        for i, image in enumerate(images):
+            data = schema.encode_png(image, "RGB", setting)
+            schema.atomic_write_bytes(scratch / f"{i}.png", data)
+            size += len(data)
+        write_s = (time.process_time() - start) / len(images)
+        out["write"][setting] = {"write_cpu_s": write_s, "kib": size / len(images) / 1024,
+                                 "cores_at_target": target_img_s * (read_s + write_s)}
+    out["target_img_s"] = target_img_s
+    return out
 
 
 def ray_worker(split: Path, checkpoint: Path, png_dir: Path, batch_size: int, tta: bool,
@@ -143,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", type=Path, help="a real checkpoint instead of a random one")
     p.add_argument("--cpus-per-worker", type=float, help="passed to batch_infer (default: its own)")
     p.add_argument("--tta", action="store_true")
+    p.add_argument("--target-img-s", type=float, default=500.0, help="GPU rate for the CPU-cores estimate")
     p.add_argument("--tiny", action="store_true", help="CPU smoke: 8 images of 64x64, tiny encoder, batch 4")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
@@ -172,10 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ray: {distributed}", flush=True)
 
         same = sum((tmp / "plain" / p.name).read_bytes() == p.read_bytes() for p in (tmp / "ray").glob("*.png"))
+        budget = cpu_budget(split, tmp / "plain", tmp / "budget", args.target_img_s)
         result = {
             "size": args.size, "images": plain["images"], "encoder": args.encoder, "batch_size": args.batch_size,
             "tta": args.tta, "device": plain["device"], "cpus": os.cpu_count(), "plain": plain, "ray": distributed,
-            "identical_pngs": same,
+            "identical_pngs": same, "cpu_budget": budget,
             "ratio_wall": distributed["wall_img_s"] / plain["wall_img_s"],
             "ratio_steady": (distributed["steady_img_s"] / plain["steady_img_s"]
                              if distributed["steady_img_s"] and plain["steady_img_s"] else None),
@@ -190,6 +219,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['model_img_s'] or float('nan'):>12.2f}")
     print(f"ratio ray/plain: wall {result['ratio_wall']:.2f}x, steady {steady}; "
           f"{same}/{plain['images']} PNGs byte-identical; plain profile s/img {plain['profile_s_per_img']}")
+    print(f"\nCPU per image (one core): read {budget['read_cpu_s'] * 1e3:.2f} ms; cores per GPU at "
+          f"{args.target_img_s:g} img/s = rate x (read + write):")
+    for setting, w in budget["write"].items():
+        print(f"  --png-compression {setting:<5}  write {w['write_cpu_s'] * 1e3:6.2f} ms  {w['kib']:6.0f} KiB  "
+              f"cores {w['cores_at_target']:5.1f}")
     if args.json:
         schema.atomic_write_json(args.json, result)
     return 0

@@ -6,8 +6,9 @@
 Every PNG the project writes goes through ``shards.schema.encode_png``: the ground truth and inputs at pack time (read
 back by every training step) and every restored image at inference (500 img/s per GPU is the target). This script
 times, per image and in CPU seconds of one core (robust to a busy machine):
-- encode: ``encode_png`` with each ``PNG_COMPRESSION`` setting, and the previous default (PIL, zlib level 1, libpng's
-  adaptive filters) as the reference;
+- encode: ``encode_png`` with each ``PNG_COMPRESSION`` setting against what the libraries offer: PIL at zlib level 1
+  (libpng's adaptive filters; the reference, and the project's first writer) and OpenCV's fastest lossless setting
+  (UP filter, run-length deflate, level 1; the second);
 - decode: the same bytes read by OpenCV (the training loader's decoder) and by PIL (``decode_png``);
 - size in KiB.
 Images: scikit-image's photos resized to ``--size`` and a blurred copy of each (restored images are smoother than
@@ -70,6 +71,12 @@ def pil_level1(rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def opencv_up_rle(rgb: np.ndarray) -> bytes:
+    params = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP,
+              cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
+    return cv2.imencode(".png", rgb[:, :, ::-1], params)[1].tobytes()
+
+
 def cpu_ms(fn, arg, reps: int) -> float:
     start = time.process_time()
     for _ in range(reps):
@@ -78,7 +85,7 @@ def cpu_ms(fn, arg, reps: int) -> float:
 
 
 def measure(images: list[np.ndarray], reps: int) -> dict[str, dict[str, float]]:
-    encoders = {REFERENCE: pil_level1}
+    encoders = {REFERENCE: pil_level1, "opencv-up-rle": opencv_up_rle}
     encoders.update({f"project-{name}": (lambda a, name=name: encode_png(a, "RGB", name)) for name in PNG_COMPRESSION})
     rows = {}
     for label, encode in encoders.items():

@@ -58,10 +58,11 @@ def shard_paths(split_dir: str | os.PathLike) -> list[Path]:
     return paths
 
 
-def decode_sample(raw: Mapping[str, Any]) -> Sample:
+def decode_sample(raw: Mapping[str, Any], *, with_gt: bool = True) -> Sample:
     """A ``Sample`` from webdataset's raw dict (bytes per extension plus ``__key__``/``__url__``).
 
     Any missing member, corrupt image or inconsistent shape raises ``ValueError`` naming the key and the shard.
+    ``with_gt=False`` leaves ``gt`` None without decoding it (inference: the 512x512 RGB PNG is most of the work).
     """
     key = raw.get("__key__", "?")
     where = f"sample {key!r} in {raw.get('__url__', '?')}"
@@ -75,14 +76,14 @@ def decode_sample(raw: Mapping[str, Any]) -> Sample:
         raise ValueError(f"{where}: bad {META_EXT} ({exc})") from exc
     gray = decode_png(raw[INPUT_EXT], "L", f"{where}: {INPUT_EXT}")
     mask = decode_mask(raw[MASK_EXT], f"{where}: {MASK_EXT}")
-    gt = decode_png(raw[GT_EXT], "RGB", f"{where}: {GT_EXT}") if GT_EXT in raw else None
+    gt = decode_png(raw[GT_EXT], "RGB", f"{where}: {GT_EXT}") if with_gt and GT_EXT in raw else None
     if mask.shape != gray.shape or (gt is not None and gt.shape[:2] != gray.shape):
         shapes = f"input {gray.shape}, mask {mask.shape}" + (f", gt {gt.shape}" if gt is not None else "")
         raise ValueError(f"{where}: image sizes disagree ({shapes})")
     return Sample(key=key, input=gray, mask=mask, gt=gt, meta=meta)
 
 
-def iter_samples(paths: Iterable[str | os.PathLike]) -> Iterator[Sample]:
+def iter_samples(paths: Iterable[str | os.PathLike], *, with_gt: bool = True) -> Iterator[Sample]:
     """Every sample of ``paths`` in shard order and tar order, read by the stock ``webdataset`` reader."""
     import webdataset as wds  # imports torch when present: keep it out of module import
 
@@ -91,6 +92,6 @@ def iter_samples(paths: Iterable[str | os.PathLike]) -> Iterator[Sample]:
         dataset = wds.WebDataset(url, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
         try:
             for raw in dataset:
-                yield decode_sample(raw)
+                yield decode_sample(raw, with_gt=with_gt)
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise ValueError(f"{url}: unreadable shard ({type(exc).__name__}: {exc})") from exc

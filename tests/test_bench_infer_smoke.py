@@ -24,3 +24,10 @@ def test_infer_throughput_tiny_runs_both_paths_and_prints_the_ratio(repo_root, t
     assert set(result["plain"]["profile_s_per_img"]) == {"read_decode", "model", "encode_write"}
     assert 0 <= result["identical_pngs"] <= 8
     assert result["ratio_wall"] == pytest.approx(result["ray"]["wall_img_s"] / result["plain"]["wall_img_s"])
+    budget = result["cpu_budget"]
+    assert budget["read_cpu_s"] > 0 and budget["target_img_s"] == 500
+    assert set(budget["write"]) == {"fast", "none", "small"}
+    for w in budget["write"].values():
+        assert w["cores_at_target"] == pytest.approx(500 * (budget["read_cpu_s"] + w["write_cpu_s"]))
+    assert budget["write"]["none"]["kib"] > 64 * 64 * 3 / 1024  # stored: the raw pixels and framing
+    assert "cores per GPU at 500 img/s" in r.stdout

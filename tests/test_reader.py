@@ -112,3 +112,11 @@ def test_truncated_shard_is_named(tiny_shards, tmp_path):
     missing = tmp_path / "gone.tar"
     with pytest.raises(ValueError, match="gone.tar"):
         list(reader.iter_samples([missing]))
+
+
+def test_decode_sample_without_gt_skips_the_gt_member():
+    raw = {**_raw_sample(), "gt.png": encode_png(np.full((8, 8, 3), 9, np.uint8), "RGB")}
+    assert reader.decode_sample(raw).gt[0, 0].tolist() == [9, 9, 9]
+    assert reader.decode_sample(raw, with_gt=False).gt is None
+    raw["gt.png"] = b"\x89PNG garbage"  # not even read: inference never needs it
+    assert reader.decode_sample(raw, with_gt=False).input[0, 0] == 7

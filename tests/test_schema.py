@@ -1,8 +1,12 @@
 """PNG codecs of shards.schema: every writer setting is lossless and decodes to the strict PIL mode."""
 from __future__ import annotations
 
+import io
+
+import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
 from shards.schema import PNG_COMPRESSION, decode_mask, decode_png, encode_mask, encode_png
 
@@ -15,6 +19,23 @@ def test_every_setting_round_trips_l_and_rgb_exactly(compression):
     gray = rgb[..., 1].copy()
     assert np.array_equal(decode_png(encode_png(rgb, "RGB", compression), "RGB"), rgb)
     assert np.array_equal(decode_png(encode_png(gray, "L", compression), "L"), gray)
+    # the other decoder the project uses (the training loader's), and PIL's chunk-CRC check
+    data = encode_png(rgb, "RGB", compression)
+    assert np.array_equal(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)[..., ::-1], rgb)
+    Image.open(io.BytesIO(data)).verify()
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 300), (300, 1), (2, 2, 3), (1, 1, 3)])
+def test_degenerate_shapes_round_trip(shape):
+    array = np.arange(np.prod(shape), dtype=np.int64).reshape(shape).astype(np.uint8)
+    mode = "RGB" if len(shape) == 3 else "L"
+    assert np.array_equal(decode_png(encode_png(array, mode), mode), array)
+
+
+def test_non_contiguous_views_are_encoded_as_their_values():
+    rgb = np.random.default_rng(2).integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    view = rgb[::2, ::-1]
+    assert np.array_equal(decode_png(encode_png(view, "RGB"), "RGB"), view)
 
 
 def test_channel_order_is_rgb_not_opencvs_bgr():
@@ -45,6 +66,7 @@ def test_mask_round_trip():
     (np.zeros((4, 4), np.uint8), "RGB", "mode RGB: expected shape (H,W,3), got (4, 4)"),
     (np.zeros((4, 4, 4), np.uint8), "RGB", "mode RGB: expected shape (H,W,3), got (4, 4, 4)"),
     (np.zeros((4, 4), np.uint8), "P", "mode 'P': expected one of ['L', 'RGB']"),
+    (np.zeros((0, 4), np.uint8), "L", "expected a non-empty image, got shape (0, 4)"),
 ])
 def test_bad_arrays_are_refused_with_the_problem(array, mode, problem):
     with pytest.raises(ValueError) as err:
