@@ -5,8 +5,8 @@
     python bench/loader_throughput.py --shards SHARDS_DIR --tiny     # CI smoke: 32 px crops, a few batches
 
 Three measurements on the same shards:
-1. decode per sample (in memory, one process): the ground truth with PIL (``shards.schema.decode_png``), the same
-   with OpenCV (``shards.pipeline.decode_rgb``: imdecode + BGR->RGB, what the loader uses when it re-masks), and
+1. decode per sample (in memory, one process): the ground truth with PIL alone, the same with the project's
+   ``shards.schema.decode_png`` (OpenCV for 8-bit PNGs: what the loader uses when it re-masks), and
    the full ``shards.reader.decode_sample`` (input, mask and gt with PIL: the loader's path without re-masking);
 2. augmentation per sample (crop, flip, PIL gray, new hole, damage) without decoding;
 3. the real loader (``shards.pipeline.TrainBatches`` in a ``DataLoader``) end to end with W workers: samples/s and
@@ -16,6 +16,7 @@ The last line is JSON. Workers needed = ceil(gpu_img_s * headroom / per-worker s
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -125,8 +127,9 @@ def main(argv=None) -> int:
     result: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "host": platform.node(), "cpus": os.cpu_count(),
                     "image": list(size), "crop": args.crop, "batch": args.batch}
     timed = {
-        "decode_gt_pil": per_sample_seconds(lambda r: decode_png(r[GT_EXT], "RGB"), raws, args.min_time),
-        "decode_gt_cv2": per_sample_seconds(lambda r: pipeline.decode_rgb(r[GT_EXT], "gt"), raws, args.min_time),
+        "decode_gt_pil": per_sample_seconds(lambda r: np.asarray(Image.open(io.BytesIO(r[GT_EXT]))), raws,
+                                            args.min_time),
+        "decode_gt_cv2": per_sample_seconds(lambda r: decode_png(r[GT_EXT], "RGB"), raws, args.min_time),
         "decode_sample_all": per_sample_seconds(decode_sample, raws, args.min_time),
     }
     augment = pipeline.Augment(crop_size=args.crop)

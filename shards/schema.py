@@ -7,7 +7,7 @@ A sample in a tar shard is four adjacent members with one KEY (the input file's 
     KEY.gt.png      8-bit RGB, the undamaged original (absent on test data)
     KEY.json        SampleMeta as JSON
 
-Only numpy, Pillow and the deflate libraries are imported here so that every floor can use it cheaply.
+Only numpy, OpenCV, Pillow and the deflate libraries are imported here so that every floor can use it cheaply.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
+import cv2
 import numpy as np
 from isal import isal_zlib
 from PIL import Image
@@ -129,8 +130,24 @@ def encode_png(array: np.ndarray, mode: str, compression: str = "fast") -> bytes
             + _png_chunk(b"IEND", b""))
 
 
+def _is_8bit_png_of(data: bytes, mode: str) -> bool:
+    """The IHDR says 8-bit ``mode`` (bytes 24/25 of a PNG are its bit depth and color type); header only."""
+    return (data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) > 25 and data[24] == 8
+            and data[25] == _PNG_COLOR_TYPE.get(mode))
+
+
 def decode_png(data: bytes, mode: str, what: str = "image") -> np.ndarray:
-    """Decode PNG bytes, requiring PIL ``mode`` exactly (no silent conversion); ``what`` names it in errors."""
+    """Decode PNG bytes, requiring PIL ``mode`` exactly (no silent conversion); ``what`` names it in errors.
+
+    A PNG whose header says 8-bit gray or RGB (all the project writes) is decoded by OpenCV, 25-50% less CPU than PIL
+    at 512x512 (bench/png_codec.py); anything else, or anything OpenCV cannot read, goes through PIL, which names
+    what it is. PNG is lossless: both give the same pixels.
+    """
+    if _is_8bit_png_of(data, mode):
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        if img is not None and img.dtype == np.uint8 and img.ndim == (2 if mode == "L" else 3) and (
+                mode == "L" or img.shape[2] == 3):
+            return img if mode == "L" else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()

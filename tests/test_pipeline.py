@@ -118,22 +118,3 @@ def test_bad_sample_error_names_key_and_shard(tmp_path, split):
         batches([str(bad)], steps=1)
     with pytest.raises(ValueError, match="smaller than crop_size 128"):
         batches(split[0], steps=1, crop=128)
-
-
-def test_opencv_rgb_decode_equals_pil(tiny_shards, tmp_path):
-    from PIL import Image
-
-    from shards.schema import decode_png, encode_png
-
-    rgb = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)
-    data = encode_png(rgb, "RGB")
-    assert np.array_equal(pipeline.decode_rgb(data, "x"), rgb) and np.array_equal(decode_png(data, "RGB"), rgb)
-    gray = encode_png(rgb[..., 0], "L")  # not RGB: PIL's strict decoder names the problem
-    with pytest.raises(ValueError, match="x: expected PIL mode RGB, got L"):
-        pipeline.decode_rgb(gray, "x")
-    with pytest.raises(ValueError, match="x: cannot decode PNG"):
-        pipeline.decode_rgb(b"garbage", "x")
-    rgba = tmp_path / "a.png"
-    Image.fromarray(np.dstack([rgb, rgb[..., :1]]), mode="RGBA").save(rgba)
-    with pytest.raises(ValueError, match="got RGBA"):
-        pipeline.decode_rgb(rgba.read_bytes(), "x")

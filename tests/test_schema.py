@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import cv2
 import numpy as np
@@ -77,3 +78,27 @@ def test_bad_arrays_are_refused_with_the_problem(array, mode, problem):
 def test_unknown_setting_is_refused():
     with pytest.raises(ValueError, match=r"compression 'max': expected one of \['fast', 'none', 'small'\]"):
         encode_png(np.zeros((4, 4), np.uint8), "L", "max")
+
+
+def test_opencv_fast_path_and_pil_give_the_same_pixels_and_errors(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    pil_written = io.BytesIO()
+    Image.fromarray(rgb).save(pil_written, format="PNG", compress_level=6)  # another writer's adaptive filters
+    for data in (encode_png(rgb, "RGB"), pil_written.getvalue()):
+        assert np.array_equal(decode_png(data, "RGB", "x"), rgb)
+        assert np.array_equal(decode_png(data, "RGB", "x"), np.asarray(Image.open(io.BytesIO(data))))
+    with pytest.raises(ValueError, match="x: expected PIL mode RGB, got L"):
+        decode_png(encode_png(rgb[..., 0], "L"), "RGB", "x")
+    with pytest.raises(ValueError, match="x: expected PIL mode L, got RGB"):
+        decode_png(encode_png(rgb, "RGB"), "L", "x")
+    with pytest.raises(ValueError, match="x: cannot decode PNG"):
+        decode_png(b"garbage", "RGB", "x")
+    with pytest.raises(ValueError, match="x: cannot decode PNG"):
+        decode_png(encode_png(rgb, "RGB")[:300], "RGB", "x")  # a valid header, truncated data
+    others = {"RGBA": Image.fromarray(np.dstack([rgb, rgb[..., :1]])), "P": Image.fromarray(rgb).convert("P"),
+              "16-bit": Image.fromarray(rgb[..., 0].astype(np.uint16) * 257)}
+    for name, image in others.items():  # OpenCV would expand or convert these; the strict path names them
+        path = tmp_path / f"{name}.png"
+        image.save(path)
+        with pytest.raises(ValueError, match=f"x: expected PIL mode RGB, got {re.escape(Image.open(path).mode)}"):
+            decode_png(path.read_bytes(), "RGB", "x")
