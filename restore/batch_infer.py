@@ -724,8 +724,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-composite", dest="composite", action="store_false",
                    help="keep the raw prediction outside the hole (default: re-impose the known luminance)")
     p.add_argument("--png-compression", default="fast", choices=sorted(schema.PNG_COMPRESSION),
-                   help="PNG writer setting (default fast: ~4 ms of CPU per 512x512 image; none: ~2 ms, 2.2x larger "
-                        "files; small: ~9%% smaller than fast, ~16x slower)")
+                   help="PNG writer (default fast: ~4 ms of CPU per 512x512 image; none: ~2 ms, 2.2x larger files; "
+                        "small: libpng's adaptive filters, ~20x slower than fast, 7-15%% smaller)")
     p.add_argument("--score", action="store_true", help="score against the shards' gt (DACON score and its terms)")
     p.add_argument("--skip-bad", action="store_true",
                    help="restore the rest when inputs are bad; list them in bad_keys.json next to the zip")

@@ -187,10 +187,14 @@ def test_images_folder_detects_masks_on_the_fly(infer, ckpt, tiny_dacon_truth, t
     shutil.copytree(root / "test_input", images)
     stems = sorted(p.stem for p in images.glob("*.png"))
     out = tmp_path / "restored.zip"
-    r = infer("--images", images, "--checkpoint", ckpt, "--out", out, "--png-dir", tmp_path / "pngs")
+    r = infer("--images", images, "--checkpoint", ckpt, "--out", out, "--png-dir", tmp_path / "pngs",
+              "--png-compression", "none")
     assert r.returncode == 0, r.stderr
     restored = _zip_images(out)
     assert sorted(restored) == [f"{s}.png" for s in stems]
+    for png in (tmp_path / "pngs").glob("*.png"):  # stored rows: the pixels, a filter byte per row, and framing
+        h, w = restored[png.name].shape[:2]
+        assert h * (w * 3 + 1) < png.stat().st_size < h * (w * 3 + 1) + 200, png
     for stem in stems:
         gray = np.asarray(Image.open(images / f"{stem}.png"))
         hole = truth["masks"][stem]
