@@ -90,7 +90,11 @@ def quality(seeds=(0, 1, 2)) -> list[dict]:
 
 
 def speed(n: int, size: int, workers: int, keep: Path | None, min_cluster_size: int = 5) -> dict:
-    root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="curate_speed_"))
+    if keep is None:
+        with tempfile.TemporaryDirectory(prefix="curate_speed_") as tmp:
+            result = speed(n, size, workers, Path(tmp), min_cluster_size)
+        return {**result, "data": "(deleted; --keep DIR keeps it)"}
+    root = Path(keep)
     photos, out = root / "photos", root / "shards"
     if not (out / "train" / "manifest.json").is_file():
         photos.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,8 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 def summary(values: list[float]) -> str:
     v = np.asarray(values)
+    if v.size == 0:  # a shape or background that a small --n never drew
+        return "n=   0"
     return f"n={v.size:4d} mean={v.mean():.5f} p1={np.percentile(v, 1):.5f} worst={v.min():.5f}"
 
 

@@ -50,3 +50,25 @@ def test_png_codec_tiny_compares_every_setting_with_the_reference(tiny_shards, t
     assert out["rows"]["project-none"]["kib"] > 64 * 64 * 3 / 1024 > out["rows"]["project-fast"]["kib"]
     res = bench("png_codec.py", "--tiny", "--shards", tiny_shards / "train", "--n", "3")
     assert json.loads(res.stdout.strip().splitlines()[-1])["images"] == 3
+
+
+def test_pack_throughput_tiny_packs_both_modes():
+    res = bench("pack_throughput.py", "--n", "4", "--size", "64", "--workers", "1")
+    for mode in ("photos", "dacon"):
+        line = next(x for x in res.stdout.splitlines() if x.strip().startswith(f"{mode} "))
+        assert "workers=1:" in line and "samples/s wall" in line and "KiB/sample in the shards" in line
+
+
+def test_detector_iou_small_run_finds_every_generated_hole():
+    res = bench("detector_iou.py", "--n", "12", "--size", "128")
+    line = next(x for x in res.stdout.splitlines() if x.strip().startswith("all "))
+    mean = float(line.split("mean=")[1].split()[0])
+    assert "n=  12" in line and "failures=0" in line and mean > 0.95, line
+
+
+def test_curate_speed_small_run_reports_timings_and_grouping(tmp_path):
+    res = bench("curate_speed.py", "--n", "24", "--size", "64", "--keep", tmp_path / "data")
+    out = json.loads(res.stdout.strip().splitlines()[-1])["speed"]
+    assert out["images"] == 24 and set(out["sec_per_1000"]) == {"embed", "umap", "hdbscan", "total"}
+    assert 0.0 <= out["grouping"]["pair_recall"] <= 1.0
+    assert (tmp_path / "data" / "shards" / "train" / "manifest.json").is_file()
