@@ -14,9 +14,11 @@ of ``KEY.png``:
           actor, PNG-writer tasks, all overlapping.
 
 Then the CPU side alone, in CPU seconds of one core per image (robust to a busy machine): the read stage
-(``batch_infer.read_item``: tar, input and mask decode, no gt) and the write stage (``encode_png`` + atomic write) for
+(``batch_infer.read_item``: tar, input and mask decode, no gt), Ray building a block from those rows (the read
+task's other cost) and the write stage (``encode_png`` + atomic write) for
 each ``--png-compression`` setting, and the cores a GPU needs beside it at ``--target-img-s`` (default 500): what
-bounds the end-to-end rate once the GPU is fast enough.
+bounds the end-to-end rate once the GPU is fast enough; and the model actor's cost of handing a batch of images to
+Ray (one object per image vs the dense array it returns).
 
 Reported per path: wall img/s (ray: including the actor's start-up, model load and first call; plain: excluding
 the model load and one warm-up batch, printed separately), and steady img/s (images after the first finished batch
@@ -123,13 +125,23 @@ def plain_loop(split: Path, checkpoint: Path, png_dir: Path, batch_size: int, tt
 
 def cpu_budget(split: Path, rgb_dir: Path, scratch: Path, target_img_s: float) -> dict:
     """CPU seconds per image of the read stage and of each write setting; cores needed at ``target_img_s``."""
+    from ray.data._internal.delegating_block_builder import DelegatingBlockBuilder
+
     plan = batch_infer.plan_shards(split)
     start = time.process_time()
     rows = [row for item in plan.items for row in batch_infer.read_item(item, with_gt=False)]
     read_s = (time.process_time() - start) / len(rows)
+    # What Ray Data does with the read task's rows (flat_map output) before they travel: build an Arrow block.
+    start = time.process_time()
+    for first in range(0, len(rows), 32):
+        builder = DelegatingBlockBuilder()
+        for row in rows[first:first + 32]:
+            builder.add(row)
+        builder.build()
+    rows_to_block_s = (time.process_time() - start) / len(rows)
     images = [schema.decode_png(p.read_bytes(), "RGB") for p in sorted(rgb_dir.glob("*.png"))]
     scratch.mkdir(parents=True, exist_ok=True)
-    out = {"read_cpu_s": read_s, "write": {}}
+    out = {"read_cpu_s": read_s, "read_rows_to_block_cpu_s": rows_to_block_s, "write": {}}
     for setting in schema.PNG_COMPRESSION:
         start, size = time.process_time(), 0
         for i, image in enumerate(images):
@@ -138,8 +150,21 @@ def cpu_budget(split: Path, rgb_dir: Path, scratch: Path, target_img_s: float) -
             size += len(data)
         write_s = (time.process_time() - start) / len(images)
         out["write"][setting] = {"write_cpu_s": write_s, "kib": size / len(images) / 1024,
-                                 "cores_at_target": target_img_s * (read_s + write_s)}
+                                 "cores_at_target": target_img_s * (read_s + rows_to_block_s + write_s)}
     out["target_img_s"] = target_img_s
+    # The actor hands its images to Ray as a column; converting it into a block is the actor's CPU time, between
+    # GPU batches. Object arrays (one ndarray per row) against the dense array the actor returns.
+    from ray.data.block import BlockAccessor
+
+    batch = images[:32]
+    columns = {"object array": batch_infer._object_array(batch),
+               "dense (actor default)": batch_infer._rgb_column(batch, list(range(len(batch))))}
+    out["actor_output_ms_per_img"] = {}
+    for name, column in columns.items():
+        start = time.process_time()
+        for _ in range(3):
+            BlockAccessor.batch_to_block({"rgb": column})
+        out["actor_output_ms_per_img"][name] = (time.process_time() - start) / 3 / len(batch) * 1e3
     return out
 
 
@@ -195,12 +220,12 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
         try:
             distributed = ray_worker(split, checkpoint, tmp / "ray", args.batch_size, args.tta, args.cpus_per_worker)
+            budget = cpu_budget(split, tmp / "plain", tmp / "budget", args.target_img_s)  # Ray's block code needs it up
         finally:
             ray.shutdown()
         print(f"ray: {distributed}", flush=True)
 
         same = sum((tmp / "plain" / p.name).read_bytes() == p.read_bytes() for p in (tmp / "ray").glob("*.png"))
-        budget = cpu_budget(split, tmp / "plain", tmp / "budget", args.target_img_s)
         result = {
             "size": args.size, "images": plain["images"], "encoder": args.encoder, "batch_size": args.batch_size,
             "tta": args.tta, "device": plain["device"], "cpus": os.cpu_count(), "plain": plain, "ray": distributed,
@@ -219,11 +244,16 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['model_img_s'] or float('nan'):>12.2f}")
     print(f"ratio ray/plain: wall {result['ratio_wall']:.2f}x, steady {steady}; "
           f"{same}/{plain['images']} PNGs byte-identical; plain profile s/img {plain['profile_s_per_img']}")
-    print(f"\nCPU per image (one core): read {budget['read_cpu_s'] * 1e3:.2f} ms; cores per GPU at "
-          f"{args.target_img_s:g} img/s = rate x (read + write):")
+    print(f"\nCPU per image (one core): read {budget['read_cpu_s'] * 1e3:.2f} ms + Ray rows -> block "
+          f"{budget['read_rows_to_block_cpu_s'] * 1e3:.2f} ms; cores per GPU at {args.target_img_s:g} img/s "
+          f"= rate x (read + rows -> block + write):")
     for setting, w in budget["write"].items():
         print(f"  --png-compression {setting:<5}  write {w['write_cpu_s'] * 1e3:6.2f} ms  {w['kib']:6.0f} KiB  "
               f"cores {w['cores_at_target']:5.1f}")
+    conv = budget["actor_output_ms_per_img"]
+    print("actor output -> Ray block, CPU ms per image: "
+          + ", ".join(f"{name} {ms:.3f}" for name, ms in conv.items())
+          + f" ({conv['object array'] / max(conv['dense (actor default)'], 1e-9):.0f}x)")
     if args.json:
         schema.atomic_write_json(args.json, result)
     return 0

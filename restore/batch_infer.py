@@ -388,12 +388,25 @@ class RestoreWorker:
             for j, i in enumerate(idx):
                 rgb[i], infer_s[i] = out[j], per_image
         result = {k: batch[k] for k in ("key", "where", "status", "error", "note", "height", "width")}
-        result["rgb"] = _object_array(rgb)
+        result["rgb"] = _rgb_column(rgb, todo)
         result["worker"] = np.array([self.name if s == TODO else "" for s in batch["status"]], dtype=object)
         result["infer_s"] = infer_s
         if self.keep_gt:
             result["gt"], result["mask"] = batch["gt"], batch["mask"]
         return result
+
+
+def _rgb_column(rgb: list[np.ndarray], todo: list[int]) -> np.ndarray:
+    """The batch's images as one dense uint8 [B,H,W,3] array when the restored ones share a size (rows not restored
+    get zeros), else an object array. Ray turns both into the same tensor column, but converting an object array
+    costs ~3 ms per 512x512 image in the actor (measured: 94 ms vs 0.5 ms per batch of 32), on the GPU's time."""
+    shapes = {rgb[i].shape for i in todo}
+    if len(shapes) > 1:
+        return _object_array(rgb)
+    dense = np.zeros((len(rgb), *(shapes.pop() if shapes else _EMPTY_RGB.shape)), np.uint8)
+    for i in todo:
+        dense[i] = rgb[i]
+    return dense
 
 
 def _object_array(arrays: list[np.ndarray]) -> np.ndarray:

@@ -339,3 +339,19 @@ def test_slurm_ray_cluster_runs_batch_infer_over_two_nodes_and_stops_ray(ckpt, t
     finally:
         if not was_up:
             subprocess.run(["bash", cluster, "down"], capture_output=True, timeout=300)
+
+
+def test_actor_output_is_dense_when_sizes_agree_and_ray_sees_the_same_column():
+    from ray.data.block import BlockAccessor
+
+    a, b = np.full((4, 6, 3), 7, np.uint8), np.full((4, 6, 3), 9, np.uint8)
+    empty = batch_infer._EMPTY_RGB
+    dense = batch_infer._rgb_column([a, empty, b], todo=[0, 2])  # row 1 was done already: zeros
+    assert dense.dtype == np.uint8 and dense.shape == (3, 4, 6, 3)
+    assert (dense[0] == 7).all() and (dense[1] == 0).all() and (dense[2] == 9).all()
+    as_objects = batch_infer._object_array([a, np.zeros_like(a), b])
+    assert (BlockAccessor.batch_to_block({"rgb": dense}).schema.field("rgb").type
+            == BlockAccessor.batch_to_block({"rgb": as_objects}).schema.field("rgb").type)
+    mixed = batch_infer._rgb_column([a, np.zeros((2, 2, 3), np.uint8)], todo=[0, 1])
+    assert mixed.dtype == object and [m.shape for m in mixed] == [(4, 6, 3), (2, 2, 3)]
+    assert batch_infer._rgb_column([empty, empty], todo=[]).shape == (2, 0, 0, 3)

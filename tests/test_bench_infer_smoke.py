@@ -28,6 +28,9 @@ def test_infer_throughput_tiny_runs_both_paths_and_prints_the_ratio(repo_root, t
     assert budget["read_cpu_s"] > 0 and budget["target_img_s"] == 500
     assert set(budget["write"]) == {"fast", "none", "small"}
     for w in budget["write"].values():
-        assert w["cores_at_target"] == pytest.approx(500 * (budget["read_cpu_s"] + w["write_cpu_s"]))
+        assert w["cores_at_target"] == pytest.approx(
+            500 * (budget["read_cpu_s"] + budget["read_rows_to_block_cpu_s"] + w["write_cpu_s"]))
     assert budget["write"]["none"]["kib"] > 64 * 64 * 3 / 1024  # stored: the raw pixels and framing
     assert "cores per GPU at 500 img/s" in r.stdout
+    assert set(budget["actor_output_ms_per_img"]) == {"object array", "dense (actor default)"}
+    assert all(ms > 0 for ms in budget["actor_output_ms_per_img"].values())
