@@ -118,3 +118,25 @@ def test_bad_sample_error_names_key_and_shard(tmp_path, split):
         batches([str(bad)], steps=1)
     with pytest.raises(ValueError, match="smaller than crop_size 128"):
         batches(split[0], steps=1, crop=128)
+
+
+def test_offset_crops_and_flips_are_exact_views_of_the_stored_images(tiny_shards):
+    import webdataset as wds
+
+    raw = next(iter(wds.DataPipeline(wds.SimpleShardList([str(shard_paths(tiny_shards / "train")[0])]),
+                                     wds.tarfile_to_samples())))
+    stored = next(iter_samples(shard_paths(tiny_shards / "train")))
+    augment = pipeline.Augment(crop_size=40, remask_prob=0.0)
+    flips = 0
+    for seed in range(12):
+        out = augment(raw, np.random.default_rng(seed))
+        rng = np.random.default_rng(seed)  # replay the augmentation's draws: remask?, top, left, flip
+        rng.random()
+        top, left = int(rng.integers(0, 64 - 40 + 1)), int(rng.integers(0, 64 - 40 + 1))
+        flip = rng.random() < 0.5
+        flips += flip
+        for name, full in (("gt", stored.gt), ("input", stored.input), ("mask", stored.mask.astype(np.uint8))):
+            want = full[top:top + 40, left:left + 40]
+            want = want[:, ::-1] if flip else want
+            assert np.array_equal(out[name], want) and out[name].flags["C_CONTIGUOUS"], (seed, name)
+    assert 0 < flips < 12  # both branches ran
