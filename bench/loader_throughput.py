@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import math
 import os
 import platform
@@ -33,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from shards import pipeline  # noqa: E402
 from shards.reader import decode_sample, shard_paths  # noqa: E402
 from shards.schema import GT_EXT, decode_png  # noqa: E402
+from report import emit  # noqa: E402  (bench/report.py, beside this script)
 
 
 def raw_samples(urls: list[str], limit: int) -> list[dict]:
@@ -173,10 +173,7 @@ def main(argv=None) -> int:
                   workers_needed=need)
     print(f"samples/s per worker (dedicated core): {per_worker:.1f}; to feed {args.gpu_img_s:g} img/s per GPU x "
           f"{args.headroom:g} headroom: {need} workers per GPU")
-    line = json.dumps(result)
-    print(line)
-    if args.json:
-        args.json.write_text(line + "\n")
+    emit(result, args.json)
     return 0
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import platform
 import sys
 import time
@@ -32,6 +31,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shards.schema import PNG_COMPRESSION, encode_png  # noqa: E402
+from report import emit  # noqa: E402  (bench/report.py, beside this script)
 
 REFERENCE = "pil-level1"
 
@@ -132,10 +132,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['kib']:6.0f} {r['encode_speedup']:6.2f} {r['decode_opencv_speedup']:6.2f} {r['size_ratio']:7.2f}")
     result = {"images": len(images), "shape": list(images[0].shape), "source": args.shards or "skimage photos",
               "machine": platform.processor() or platform.machine(), "opencv": cv2.__version__, "rows": rows}
-    line = json.dumps(result)
-    print(line)
-    if args.json:
-        Path(args.json).write_text(line + "\n")
+    emit(result, args.json)
     return 0
 
 

@@ -16,7 +16,6 @@ time of the warm-up steps (includes compilation), and the default/seed img/s rat
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from restore.losses import Stage1Loss, Stage2Loss  # noqa: E402
 from restore.model import ModelSpec, build_model  # noqa: E402
 from shards import pipeline  # noqa: E402
 from shards.damage import apply_damage, random_fill, random_mask, to_gray  # noqa: E402
+from report import emit  # noqa: E402  (bench/report.py, beside this script)
 
 
 def recipes(device: torch.device, tiny: bool) -> dict[str, dict]:
@@ -223,10 +223,7 @@ def main(argv=None) -> int:
             print(f"ratio default/seed ({source}): {ratios[source]:.2f}x")
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": gpu, "commit": commit, "size": args.size,
               "encoder": args.encoder, "rows": rows, "ratio": ratios}
-    line = json.dumps(result)
-    print(line)
-    if args.json:
-        args.json.write_text(line + "\n")
+    emit(result, args.json)
     return 0
 
 

@@ -97,6 +97,11 @@ _PNG_COLOR_TYPE = {"L": 0, "RGB": 2}  # PNG's color types for 8-bit gray and 8-b
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+def _has_mode_shape(array: np.ndarray, mode: str) -> bool:
+    """(H,W) for 'L', (H,W,3) for 'RGB': the arrays the PNG codecs write and return."""
+    return array.ndim == 2 if mode == "L" else array.ndim == 3 and array.shape[2] == 3
+
+
 def _png_chunk(tag: bytes, payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", zlib.crc32(tag + payload))
 
@@ -112,7 +117,7 @@ def encode_png(array: np.ndarray, mode: str, compression: str = "fast") -> bytes
         raise ValueError(f"expected uint8, got {array.dtype}")
     if mode not in _PNG_COLOR_TYPE:
         raise ValueError(f"mode {mode!r}: expected one of {sorted(_PNG_COLOR_TYPE)}")
-    if array.ndim != (2 if mode == "L" else 3) or (mode == "RGB" and array.shape[2] != 3):
+    if not _has_mode_shape(array, mode):
         raise ValueError(f"mode {mode}: expected shape {'(H,W)' if mode == 'L' else '(H,W,3)'}, got {array.shape}")
     if array.size == 0:
         raise ValueError(f"expected a non-empty image, got shape {array.shape}")
@@ -153,8 +158,7 @@ def decode_png(data: bytes, mode: str, what: str = "image") -> np.ndarray:
     """
     if _is_8bit_png_of(data, mode):
         img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-        if img is not None and img.dtype == np.uint8 and img.ndim == (2 if mode == "L" else 3) and (
-                mode == "L" or img.shape[2] == 3):
+        if img is not None and img.dtype == np.uint8 and _has_mode_shape(img, mode):
             return img if mode == "L" else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     try:
         with Image.open(io.BytesIO(data)) as img:
