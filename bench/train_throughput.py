@@ -3,6 +3,7 @@
     python bench/train_throughput.py --shards SHARDS_DIR [--size 512] [--steps 30] [--warmup 8] [--workers 8]
                                      [--encoder efficientnet-b4] [--json OUT.json]
     python bench/train_throughput.py --tiny [--shards SHARDS_DIR]     # CPU smoke: test encoder, 64 px, 3 steps
+    python bench/train_throughput.py --variant b32=default,batch=32 --recipes seed,default,b32   # extra recipes
 
 Recipes (same model: two U-Net++ stages with CBAM, trained jointly with the job's losses):
   seed     fp32, eager, contiguous (NCHW), AdamW (foreach), batch 8
@@ -40,10 +41,34 @@ def recipes(device: torch.device, tiny: bool) -> dict[str, dict]:
     cuda = device.type == "cuda"
     scale = 4 if tiny else 1  # tiny CPU mode keeps the 1:2 batch ratio at a quarter of the size
     return {
-        "seed": dict(precision="fp32", channels_last=False, fused=False, compile=False, batch=8 // scale),
+        "seed": dict(precision="fp32", channels_last=False, fused=False, compile=False, batch=8 // scale,
+                     compile_mode="default"),
         "default": dict(precision=resolve_precision("auto", device), channels_last=True, fused=cuda, compile=cuda,
-                        batch=16 // scale),
+                        batch=16 // scale, compile_mode="default"),
     }
+
+
+def parse_variant(text: str, base_recipes: dict[str, dict]) -> tuple[str, dict]:
+    """``NAME=BASE,key=value,...`` -> (NAME, BASE's recipe with those keys changed); values typed like BASE's."""
+    head, _, rest = text.partition(",")
+    name, eq, base = head.partition("=")
+    if not eq or base not in base_recipes:
+        raise SystemExit(f"--variant {text!r}: expected NAME=BASE,KEY=VALUE,... with BASE in {sorted(base_recipes)}")
+    recipe = dict(base_recipes[base])
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or key not in recipe:
+            raise SystemExit(f"--variant {text!r}: {item!r} is not KEY=VALUE with KEY in {sorted(recipe)}")
+        old = recipe[key]
+        if isinstance(old, bool):
+            if value.lower() not in ("1", "0", "true", "false", "on", "off"):
+                raise SystemExit(f"--variant {text!r}: {key} takes 1/0, got {value!r}")
+            recipe[key] = value.lower() in ("1", "true", "on")
+        elif isinstance(old, int):
+            recipe[key] = int(value)
+        else:
+            recipe[key] = value
+    return name, recipe
 
 
 def synthetic_batch(batch: int, size: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -113,7 +138,7 @@ def run_one(name: str, recipe: dict, source: str, args, device: torch.device, sp
     dtype = AUTOCAST_DTYPE[precision]
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     module = StageLoss(model, Stage1Loss(), Stage2Loss(), "joint")
-    step_fn = torch.compile(module) if recipe["compile"] else module
+    step_fn = torch.compile(module, mode=recipe["compile_mode"]) if recipe["compile"] else module
     batch = recipe["batch"]
 
     if source == "synthetic":
@@ -158,7 +183,8 @@ def run_one(name: str, recipe: dict, source: str, args, device: torch.device, sp
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     step_ms = dt / args.steps * 1e3
     return {"recipe": name, "source": source, "precision": precision, "batch": batch,
-            "channels_last": recipe["channels_last"], "fused_adamw": fused, "compile": recipe["compile"],
+            "channels_last": recipe["channels_last"], "fused_adamw": fused,
+            "compile": recipe["compile"] and recipe["compile_mode"],
             "img_per_s": batch * args.steps / dt, "step_ms": step_ms, "peak_mem_gib": peak,
             "gpu_util": util.mean, "warmup_s": warm_s,
             "warmup_overhead_s": max(0.0, warm_s - args.warmup * step_ms / 1e3), "loss": loss}
@@ -174,6 +200,9 @@ def main(argv=None) -> int:
     ap.add_argument("--encoder", default="efficientnet-b4")
     ap.add_argument("--decoder-channels", default="256,128,64,32,16")
     ap.add_argument("--recipes", default="seed,default")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=BASE,KEY=VALUE,...",
+                    help="an extra recipe: BASE (seed|default) with some keys changed, e.g. b32=default,batch=32 or "
+                         "eager=default,compile=0; run it by naming it in --recipes")
     ap.add_argument("--sources", default="synthetic,shards")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke: timm test encoder, 64 px, 3 steps, batch 2/4")
     ap.add_argument("--json", type=Path)
@@ -205,6 +234,12 @@ def main(argv=None) -> int:
     print(f"# train bench: {gpu}, torch {torch.__version__}, {args.encoder} x2 U-Net++, {args.size}px, "
           f"{args.steps} timed steps after {args.warmup} warm-up, commit {commit}")
     all_recipes = recipes(device, args.tiny)
+    for text in args.variant:
+        name, recipe = parse_variant(text, all_recipes)
+        all_recipes[name] = recipe
+    unknown = [r for r in args.recipes.split(",") if r and r not in all_recipes]
+    if unknown:
+        ap.error(f"--recipes names {unknown}, not among {sorted(all_recipes)} (define it with --variant)")
     rows = []
     for source in sources:
         for name in [r for r in args.recipes.split(",") if r]:

@@ -72,3 +72,31 @@ def test_curate_speed_small_run_reports_timings_and_grouping(tmp_path):
     assert out["images"] == 24 and set(out["sec_per_1000"]) == {"embed", "umap", "hdbscan", "total"}
     assert 0.0 <= out["grouping"]["pair_recall"] <= 1.0
     assert (tmp_path / "data" / "shards" / "train" / "manifest.json").is_file()
+
+
+def test_train_throughput_variants_change_only_the_named_keys(tmp_path):
+    res = bench("train_throughput.py", "--tiny", "--sources", "synthetic", "--variant", "b1=default,batch=1",
+                "--variant", "nocl=default,channels_last=0", "--recipes", "b1,nocl", "--json", tmp_path / "v.json")
+    rows = {r["recipe"]: r for r in json.loads((tmp_path / "v.json").read_text())["rows"]}
+    assert (rows["b1"]["batch"], rows["b1"]["channels_last"]) == (1, True)
+    assert (rows["nocl"]["batch"], rows["nocl"]["channels_last"]) == (4, False)  # tiny default batch, layout changed
+    assert "ratio default/seed" not in res.stdout  # no seed row, so no ratio line
+    for bad, message in ((["--variant", "x=nosuch"], "BASE in ['default', 'seed']"),
+                         (["--variant", "x=seed,speed=2"], "'speed=2' is not KEY=VALUE"),
+                         (["--recipes", "seed,zzz"], "not among ['default', 'seed']")):
+        res = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "train_throughput.py"), "--tiny", *bad],
+                             cwd=REPO_ROOT, env=cpu_env(), capture_output=True, text=True, timeout=120)
+        assert res.returncode != 0 and message in res.stderr, res.stderr[-2000:]
+
+
+def test_recipe_quality_tiny_trains_both_recipes_with_the_real_job(tmp_path):
+    res = bench("recipe_quality.py", "--tiny", "--json", tmp_path / "q.json")
+    out = json.loads((tmp_path / "q.json").read_text())
+    runs = {r["recipe"]: r for r in out["runs"]}
+    assert set(runs) == {"seed", "default"}
+    for run in runs.values():
+        assert set(run["val_score"]) == {"2", "4"}  # validations at every --val-every steps (JSON keys)
+        assert all(0.0 < s < 1.0 for s in run["val_score"].values())
+    assert "precision=fp32" in runs["seed"]["overrides"] and "batch_size=2" in runs["seed"]["overrides"]
+    assert "batch_size=4" in runs["default"]["overrides"]
+    assert "validation score (exact DACON metric) per step" in res.stdout
