@@ -87,7 +87,10 @@ class RunConfig:
     stage_split: tuple[float, ...] = (0.4, 0.4)  # staged: fractions of all steps for stage 1 and stage 2; rest joint
     precision: str = "auto"  # auto: bf16 on GPUs that have it, else fp16 + GradScaler; fp32 on CPU
     channels_last: bool = True
-    compile: str = "auto"  # auto: on for CUDA, off on CPU
+    compile: str = "auto"  # auto: on for CUDA runs of at least compile_min_steps steps, off on CPU
+    # torch.compile of both stages took ~6 min on an H100 and saved 64 ms per batch-16 step: it paid back after
+    # ~4.5k steps (bench/RESULTS.md), so shorter runs stay eager under compile=auto.
+    compile_min_steps: int = 5000
     val_every: int = 0  # steps between validations; 0 = at the end of every epoch
     patience: int = 7  # early stop after this many validations without a better score; 0 = never
     ckpt_every: int = 0  # steps between checkpoints; 0 = at every validation
@@ -255,6 +258,7 @@ def validate(cfg: Config) -> None:
          f"stage_split={r.stage_split}: two positive fractions (stage 1, stage 2) summing to <= 1")
     need(r.precision in PRECISIONS, f"precision={r.precision!r}: must be one of {', '.join(PRECISIONS)}")
     need(r.compile in TRISTATE, f"compile={r.compile!r}: must be one of {', '.join(TRISTATE)}")
+    need(r.compile_min_steps >= 0, f"compile_min_steps={r.compile_min_steps}: must be >= 0")
     need(r.val_every >= 0, f"val_every={r.val_every}: must be >= 0 (0 = every epoch)")
     need(r.patience >= 0, f"patience={r.patience}: must be >= 0 (0 = never stop early)")
     need(r.ckpt_every >= 0, f"ckpt_every={r.ckpt_every}: must be >= 0")

@@ -126,6 +126,13 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return name
 
 
+def resolve_compile(setting: str, device: torch.device, total_steps: int, min_steps: int) -> bool:
+    """``auto``: compile on CUDA when the run is long enough to pay the compile time back (``min_steps``)."""
+    if setting == "auto":
+        return device.type == "cuda" and total_steps >= min_steps
+    return setting == "on"
+
+
 # BatchNorm statistics are not broadcast at every forward (validation syncs them from rank 0 instead, see
 # dist.broadcast_buffers); torch >= 2.14 renamed the option.
 NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False}
@@ -323,12 +330,12 @@ class Trainer:
         self.precision = precision
         self.autocast_dtype = AUTOCAST_DTYPE[precision]
         self.channels_last = cfg.run.channels_last
-        self.compile = cfg.run.compile == "on" or (cfg.run.compile == "auto" and device.type == "cuda")
         r, d = cfg.run, cfg.data
         self.world = env.world_size
         self.steps_per_epoch = d.steps_per_epoch or pipeline.default_steps_per_epoch(plan.num_train, d.batch_size,
                                                                                       self.world)
         self.total_steps = r.max_steps or r.epochs * self.steps_per_epoch
+        self.compile = resolve_compile(r.compile, device, self.total_steps, r.compile_min_steps)
         self.phase_plan = phases(cfg, self.total_steps)
 
         torch.manual_seed(r.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)

@@ -47,6 +47,8 @@ def test_overrides_parse_every_type():
     ("batch_size=0", "batch_size=0: must be >= 1"),
     ("stage_split=0.7,0.5", "stage_split=(0.7, 0.5): two positive fractions"),
     ("ema=1", "ema=1.0: must be in [0, 1)"),
+    ("compile=yes", "compile='yes': must be one of auto, on, off"),
+    ("compile_min_steps=-1", "compile_min_steps=-1: must be >= 0"),
 ])
 def test_bad_overrides_name_the_key(item, message):
     with pytest.raises(ConfigError) as err:
@@ -106,3 +108,18 @@ def test_inconsistent_environments_are_errors(environ, message):
     with pytest.raises(dist.DistEnvError) as err:
         dist.detect(environ)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("setting, device, steps, expected", [
+    ("auto", "cuda", 5000, True),   # long enough to pay the compile time back
+    ("auto", "cuda", 4999, False),  # a short run stays eager
+    ("auto", "cpu", 10**6, False),
+    ("on", "cpu", 1, True),
+    ("off", "cuda", 10**6, False),
+])
+def test_compile_auto_pays_only_on_long_cuda_runs(setting, device, steps, expected):
+    import torch
+
+    from job.train import resolve_compile
+
+    assert resolve_compile(setting, torch.device(device), steps, Config().run.compile_min_steps) is expected
