@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="everything goes here (default demo_out)")
     parser.add_argument("--gpus", type=int, default=0, help="GPUs to train and infer on (0 = CPU, 2 gloo ranks)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: 240 on CPU, 2000 on GPU)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: 240 on CPU, 1000 on GPU)")
     parser.add_argument("--encoder", default=None, help="encoder (default: tu-mobilenetv3_small_050 on CPU, efficientnet-b4 on GPU)")
     parser.add_argument("--crops-per-photo", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
@@ -150,13 +150,14 @@ def main(argv: list[str] | None = None) -> int:
          "--size", "512", "--val-fraction", "0.2", "--shard-size", str(shard_size)], log)
 
     run_dir = out / "run"
-    steps = args.steps or (2000 if on_gpu else 240)
+    steps = args.steps or (1000 if on_gpu else 240)
     encoder = args.encoder or ("efficientnet-b4" if on_gpu else "tu-mobilenetv3_small_050")
     overrides = [f"encoder={encoder}", f"max_steps={steps}", f"val_every={max(steps // 4, 1)}", f"seed={args.seed}",
                  "resume=never"]
     if on_gpu:
         nproc = args.gpus
-        overrides += ["batch_size=8", "crop_size=512", "num_workers=4"]
+        # Batch 8 left an H100 half idle in bf16 (bench/RESULTS.md); a run this short stays eager (compile=auto).
+        overrides += ["batch_size=16", "crop_size=512", "num_workers=4"]
     else:
         # Small crops and a light decoder keep CPU training to a couple of minutes; lr raised for the short run.
         nproc = 2
