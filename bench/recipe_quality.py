@@ -8,6 +8,7 @@ validation split; only the speed settings differ:
 
   seed     precision=fp32 channels_last=false compile=off batch_size=--seed-batch (8)
   default  the job's own defaults (bf16 autocast, channels_last, torch.compile on CUDA) with batch_size=--batch (16)
+           and lr=--default-lr (default: the same --lr)
 
 Each run's ``metrics.jsonl`` gives the exact DACON validation score at every ``--val-every`` steps; the table puts
 the two side by side per step, with the seconds since the run's launch (torchrun start and compilation included).
@@ -54,7 +55,8 @@ def pack_demo_shards(root: Path, crops_per_photo: int) -> Path:
 def train(name: str, args, shards: Path, run_dir: Path, nproc: int, on_gpu: bool) -> dict:
     overrides = [f"encoder={args.encoder}", f"decoder_channels={args.decoder_channels}", f"crop_size={args.size}",
                  f"max_steps={args.steps}", f"val_every={args.val_every}", f"warmup_steps={args.warmup_steps}",
-                 f"num_workers={args.workers}", "resume=never", "patience=0", "seed=0", f"lr={args.lr}",
+                 f"num_workers={args.workers}", "resume=never", "patience=0", "seed=0",
+                 f"lr={args.default_lr if name == 'default' and args.default_lr else args.lr}",
                  f"log_every={args.val_every}", *recipe_overrides(name, args.batch, args.seed_batch, on_gpu),
                  *args.extra]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m",
@@ -83,6 +85,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=16, help="the default recipe's per-GPU batch")
     ap.add_argument("--seed-batch", type=int, default=8, help="the seed recipe's batch")
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--default-lr", type=float, help="the default recipe's lr (default: --lr), e.g. scaled with batch")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--encoder", default="efficientnet-b4")
     ap.add_argument("--decoder-channels", default="256,128,64,32,16")

@@ -7,8 +7,9 @@
 
 Recipes (same model: two U-Net++ stages with CBAM, trained jointly with the job's losses):
   seed     fp32, eager, contiguous (NCHW), AdamW (foreach), batch 8
-  default  what ``python -m job.train`` does by default: precision auto (bf16 autocast on GPUs that have it),
-           channels_last, fused AdamW (CUDA), torch.compile (CUDA), batch 16
+  default  the job's speed settings for a long run: precision auto (bf16 autocast on GPUs that have it),
+           channels_last, fused AdamW (CUDA), torch.compile (CUDA), at batch 16 (the job's own default batch is the
+           seed's 8: ``batch_size=16`` is a recipe change, see bench/recipe_quality.py)
 Sources: ``synthetic`` (one pre-made batch on the device: the GPU's speed alone) and ``shards`` (the project's
 loader, ``shards.pipeline.TrainBatches``, with --workers processes, pinned memory, non-blocking copies).
 Reported per recipe and source: img/s per GPU, step time, peak memory, GPU utilisation (when NVML is available),

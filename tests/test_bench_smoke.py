@@ -90,7 +90,7 @@ def test_train_throughput_variants_change_only_the_named_keys(tmp_path):
 
 
 def test_recipe_quality_tiny_trains_both_recipes_with_the_real_job(tmp_path):
-    res = bench("recipe_quality.py", "--tiny", "--json", tmp_path / "q.json")
+    res = bench("recipe_quality.py", "--tiny", "--lr", "1e-4", "--default-lr", "2e-4", "--json", tmp_path / "q.json")
     out = json.loads((tmp_path / "q.json").read_text())
     runs = {r["recipe"]: r for r in out["runs"]}
     assert set(runs) == {"seed", "default"}
@@ -98,5 +98,6 @@ def test_recipe_quality_tiny_trains_both_recipes_with_the_real_job(tmp_path):
         assert set(run["val_score"]) == {"2", "4"}  # validations at every --val-every steps (JSON keys)
         assert all(0.0 < s < 1.0 for s in run["val_score"].values())
     assert "precision=fp32" in runs["seed"]["overrides"] and "batch_size=2" in runs["seed"]["overrides"]
-    assert "batch_size=4" in runs["default"]["overrides"]
+    assert "batch_size=4" in runs["default"]["overrides"] and "lr=0.0002" in runs["default"]["overrides"]
+    assert "lr=0.0001" in runs["seed"]["overrides"]
     assert "validation score (exact DACON metric) per step" in res.stdout
