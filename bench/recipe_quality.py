@@ -14,59 +14,70 @@ Each run's ``metrics.jsonl`` gives the exact DACON validation score at every ``-
 the two side by side per step, with the seconds since the run's launch (torchrun start and compilation included).
 No shards given: bundled photos are packed first (as the demo does). The last line is JSON.
 
-A timed-out or killed run of this script leaves its job running for a few seconds more: the job treats SIGTERM as
-a preemption (finishes the step, writes a checkpoint), so wait for it before reusing the GPU.
+SIGTERM (e.g. from ``timeout``) stops the running job and waits for it: the job treats SIGTERM as a preemption
+(finishes the step, writes a checkpoint), and a job left behind would hold the GPU while the next command starts.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from report import emit  # noqa: E402  (bench/report.py, beside this script)
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def recipe_overrides(name: str, batch: int, seed_batch: int, on_gpu: bool) -> list[str]:
+def recipe_overrides(name: str, batch: int, seed_batch: int) -> list[str]:
     if name == "seed":
         return ["precision=fp32", "channels_last=false", "compile=off", f"batch_size={seed_batch}"]
-    return [f"batch_size={batch}"] if on_gpu else [f"batch_size={batch}", "precision=fp32"]
+    return [f"batch_size={batch}"]  # precision, channels_last and compile stay the job's auto settings
 
 
 def pack_demo_shards(root: Path, crops_per_photo: int) -> Path:
-    from launch.demo import write_demo_photos
+    from launch.demo import pack_command, write_demo_photos
 
     photos = write_demo_photos(root / "photos", crops_per_photo, seed=0)
-    shards = root / "shards"
-    subprocess.run([sys.executable, "-m", "shards.pack", "photos", str(root / "photos"), str(shards), "--seed", "0",
-                    "--size", "512", "--val-fraction", "0.2", "--shard-size", str(max(1, len(photos) // 16))],
-                   check=True, capture_output=True, cwd=ROOT)
-    return shards
+    subprocess.run(pack_command(root / "photos", root / "shards", len(photos), seed=0), check=True,
+                   capture_output=True, cwd=ROOT)
+    return root / "shards"
 
 
-def train(name: str, args, shards: Path, run_dir: Path, nproc: int, on_gpu: bool) -> dict:
+def train(name: str, args, shards: Path, run_dir: Path, nproc: int) -> dict:
     overrides = [f"encoder={args.encoder}", f"decoder_channels={args.decoder_channels}", f"crop_size={args.size}",
                  f"max_steps={args.steps}", f"val_every={args.val_every}", f"warmup_steps={args.warmup_steps}",
                  f"num_workers={args.workers}", "resume=never", "patience=0", "seed=0",
                  f"lr={args.default_lr if name == 'default' and args.default_lr else args.lr}",
-                 f"log_every={args.val_every}", *recipe_overrides(name, args.batch, args.seed_batch, on_gpu),
+                 f"log_every={args.val_every}", *recipe_overrides(name, args.batch, args.seed_batch),
                  *args.extra]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m",
            "job.train", "--shards", str(shards), "--out", str(run_dir), *overrides]
     print("$ " + " ".join(cmd), flush=True)
-    start, t0 = time.perf_counter(), time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    wall = time.perf_counter() - start
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    tail: deque[str] = deque(maxlen=60)  # the job's last lines, shown if it fails
+    try:
+        for line in proc.stdout:
+            tail.append(line)
+            if line.startswith("val step"):  # progress: the job's own validation lines
+                print(f"  {name}: {line.rstrip()}", flush=True)
+        proc.wait()
+    finally:
+        if proc.poll() is None:  # this script was stopped: stop the job too, and let it write its checkpoint
+            proc.terminate()
+            proc.wait()
+    wall = time.time() - t0
     if proc.returncode != 0:
-        sys.stdout.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        sys.stdout.write("".join(tail))
         raise SystemExit(f"recipe_quality: the {name} run failed with exit code {proc.returncode}")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     vals = {r["step"]: r["score"] for r in records if r["kind"] == "val"}
@@ -98,6 +109,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import torch
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # run the cleanup in train()
     on_gpu = torch.cuda.is_available() and not args.tiny
     nproc = 1 if on_gpu else 2
     if args.tiny:
@@ -108,7 +120,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="recipe_quality_") as tmp_name:
         tmp = Path(tmp_name)
         shards = args.shards or pack_demo_shards(tmp / "data", args.crops_per_photo)
-        runs = [train(name, args, shards, tmp / f"run_{name}", nproc, on_gpu)
+        runs = [train(name, args, shards, tmp / f"run_{name}", nproc)
                 for name in args.recipes.split(",") if name]
     device = torch.cuda.get_device_name() if on_gpu else "CPU (2 gloo ranks)"
     print(f"\nvalidation score (exact DACON metric) per step, {args.encoder}, {args.size}px, {device}")

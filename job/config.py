@@ -88,7 +88,7 @@ class RunConfig:
     precision: str = "auto"  # auto: bf16 on GPUs that have it, else fp16 + GradScaler; fp32 on CPU
     channels_last: bool = True
     compile: str = "auto"  # auto: on for CUDA runs of at least compile_min_steps steps, off on CPU
-    # torch.compile of both stages took ~6 min on an H100 and saved 64 ms per batch-16 step: it paid back after
+    # torch.compile of both stages took ~290 s on an H100 and saved 64 ms per batch-16 step: it paid back after
     # ~4.5k steps (bench/RESULTS.md), so shorter runs stay eager under compile=auto.
     compile_min_steps: int = 5000
     val_every: int = 0  # steps between validations; 0 = at the end of every epoch

@@ -59,6 +59,13 @@ def write_demo_photos(out_dir: Path, crops_per_photo: int, seed: int) -> list[Pa
     return written
 
 
+def pack_command(photo_dir: Path, shards_dir: Path, n_photos: int, seed: int) -> list[str]:
+    """``python -m shards.pack photos`` for the demo's crops at 512 px, a fifth held out for validation."""
+    # Several shards per split, so that each of the 2 ranks gets its own validation shards.
+    return [sys.executable, "-m", "shards.pack", "photos", str(photo_dir), str(shards_dir), "--seed", str(seed),
+            "--size", "512", "--val-fraction", "0.2", "--shard-size", str(max(1, n_photos // 16))]
+
+
 def run(cmd: list[str], log: Path, env: dict | None = None) -> None:
     """Run one stage, echoing its output to the terminal and to ``log``; stop the demo if it fails."""
     print(f"\n$ {' '.join(cmd)}", flush=True)
@@ -144,10 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"demo: wrote {len(photos)} photo crops from scikit-image's bundled photos to {out / 'photos'}")
 
     shards_dir = out / "shards"
-    # Several shards per split, so that each of the 2 ranks gets its own validation shards.
-    shard_size = max(1, len(photos) // 16)
-    run([py, "-m", "shards.pack", "photos", str(out / "photos"), str(shards_dir), "--seed", str(args.seed),
-         "--size", "512", "--val-fraction", "0.2", "--shard-size", str(shard_size)], log)
+    run(pack_command(out / "photos", shards_dir, len(photos), args.seed), log)
 
     run_dir = out / "run"
     steps = args.steps or (1000 if on_gpu else 240)

@@ -85,7 +85,7 @@ def tar_safe_key(stem: str) -> str:
 # level 1 spend 14-28 ms, most of it in libpng's per-row filter search and zlib; "fast" (the UP filter, one numpy
 # subtraction, then ISA-L's level-1 deflate) takes ~3 ms for about the same size (-2% on smooth photos, +14% on
 # DACON's noisier ones); "none" stores the raw rows (~1.5 ms, 2.2x larger than PIL level 1); "small" is libpng's
-# adaptive filters at level 6 through OpenCV (~60 ms, 4-9% smaller than PIL level 1), for when bytes matter most.
+# adaptive filters at level 6 through OpenCV (75-82 ms, 3-10% smaller than PIL level 1), for when bytes matter most.
 PNG_COMPRESSION = ("fast", "none", "small")
 _FILTER_NONE, _FILTER_UP = 0, 2
 _OWN_WRITER: dict[str, tuple[int, Callable[[Any], bytes]]] = {

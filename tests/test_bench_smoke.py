@@ -101,3 +101,4 @@ def test_recipe_quality_tiny_trains_both_recipes_with_the_real_job(tmp_path):
     assert "batch_size=4" in runs["default"]["overrides"] and "lr=0.0002" in runs["default"]["overrides"]
     assert "lr=0.0001" in runs["seed"]["overrides"]
     assert "validation score (exact DACON metric) per step" in res.stdout
+    assert "  seed: val step 2: score" in res.stdout and "  default: val step 4: score" in res.stdout  # progress
