@@ -30,6 +30,7 @@ write stage hands batches back in groups); use a few hundred images or more.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import subprocess
 import sys
@@ -171,6 +172,75 @@ def cpu_budget(split: Path, rgb_dir: Path, scratch: Path, target_img_s: float, m
     return out
 
 
+# Engine settings timed side by side on the model alone (uint8 in, both stages, compositing, uint8 RGB back on the host).
+MODEL_VARIANTS = {
+    "eager": {"cudnn_benchmark": False},
+    "benchmark": {},  # the engine's default: cuDNN's autotuner for recurring shapes
+    "compile": {"compile": "default"},
+    "cudagraphs": {"compile": "reduce-overhead"},
+    "autotune": {"compile": "max-autotune-no-cudagraphs"},
+}
+
+
+def model_variants(checkpoint: Path, gray: np.ndarray, mask: np.ndarray, names: list[str], seconds: float,
+                   backend: str, tta: bool = False) -> dict:
+    """img/s of ``Engine.restore`` per variant on one batch; the first call (compilation) is timed apart."""
+    import torch
+
+    results: dict[str, dict] = {}
+    reference = None
+    for name in names:
+        engine = batch_infer.Engine([checkpoint], tta=tta, batch_size=len(gray), compile_backend=backend,
+                                    **MODEL_VARIANTS[name])
+        if engine.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        out = engine.restore(gray, mask)
+        first_s = time.perf_counter() - start
+        for _ in range(batch_infer.BENCHMARK_AFTER_CALLS):  # past the call that runs cuDNN's autotuner
+            engine.restore(gray, mask)
+        calls, start = 0, time.perf_counter()
+        while calls < 2 or time.perf_counter() - start < seconds:
+            engine.restore(gray, mask)  # returns host memory: the GPU work is finished
+            calls += 1
+        elapsed = time.perf_counter() - start
+        reference = out if reference is None else reference
+        results[name] = {
+            "img_s": calls * len(gray) / elapsed, "ms_per_img": elapsed / (calls * len(gray)) * 1e3,
+            "first_call_s": first_s, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if engine.cuda else None,
+            "max_abs_diff_vs_first": int(np.abs(out.astype(np.int16) - reference).max()),
+        }
+        print(f"model {name}: {results[name]}", flush=True)
+        del engine
+    return results
+
+
+def profile_engine(checkpoint: Path, gray: np.ndarray, mask: np.ndarray, calls: int, rows: int = 15,
+                   tta: bool = False) -> dict:
+    """torch.profiler over ``calls`` warm calls of the default engine: the ops that take the device's time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = batch_infer.Engine([checkpoint], tta=tta, batch_size=len(gray))
+    for _ in range(batch_infer.BENCHMARK_AFTER_CALLS + 1):
+        engine.restore(gray, mask)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            engine.restore(gray, mask)
+    attr = "self_device_time_total" if engine.cuda else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)
+    total_us = sum(getattr(e, attr) for e in events)
+    images = calls * len(gray)
+    # On a GPU the kernels are the events with device time of their own; their count per image against the device
+    # time says whether the model is launch-bound (a few µs per launch) or bound by the kernels themselves.
+    kernels = sum(e.count for e in events if engine.cuda and e.self_device_time_total > 0)
+    top = [{"op": e.key, "calls_per_img": e.count / images, "ms_per_img": getattr(e, attr) / images / 1e3,
+            "share": getattr(e, attr) / total_us if total_us else 0.0} for e in events[:rows]]
+    return {"device_time": "cuda" if engine.cuda else "cpu", "ms_per_img": total_us / images / 1e3,
+            "ops_per_img": sum(e.count for e in events) / images,
+            "kernels_per_img": kernels / images if engine.cuda else None, "top": top}
+
+
 def ray_worker(split: Path, checkpoint: Path, png_dir: Path, batch_size: int, tta: bool,
                cpus_per_worker: float | None) -> dict:
     argv = ["--shards", str(split), "--checkpoint", str(checkpoint), "--no-zip", "--png-dir", str(png_dir),
@@ -184,6 +254,74 @@ def ray_worker(split: Path, checkpoint: Path, png_dir: Path, batch_size: int, tt
     (worker,) = summary["workers"].values()
     return {"images": summary["restored"], "wall_s": round(wall, 3), "wall_img_s": summary["restored"] / wall,
             "steady_img_s": summary["steady_img_per_s"], "model_busy_img_s": worker["img_per_s"]}
+
+
+def end_to_end(args: argparse.Namespace, split: Path, checkpoint: Path, tmp: Path) -> dict:
+    """The plain loop and one Ray worker over the whole split, then the CPU budget."""
+    import ray
+
+    plain = plain_loop(split, checkpoint, tmp / "plain", args.batch_size, args.tta)
+    print(f"plain: {plain}", flush=True)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
+    try:
+        distributed = ray_worker(split, checkpoint, tmp / "ray", args.batch_size, args.tta, args.cpus_per_worker)
+        # Inside the Ray session: Ray's block code needs it up.
+        budget = cpu_budget(split, tmp / "plain", tmp / "budget", args.target_img_s, args.budget_images)
+    finally:
+        ray.shutdown()
+    print(f"ray: {distributed}", flush=True)
+    same = sum((tmp / "plain" / p.name).read_bytes() == p.read_bytes() for p in (tmp / "ray").glob("*.png"))
+    plain["model_img_s"] = 1.0 / plain["profile_s_per_img"]["model"] if plain["profile_s_per_img"]["model"] else None
+    distributed["model_img_s"] = distributed["model_busy_img_s"]
+    return {
+        "images": plain["images"], "plain": plain, "ray": distributed, "identical_pngs": same, "cpu_budget": budget,
+        "ratio_wall": distributed["wall_img_s"] / plain["wall_img_s"],
+        "ratio_steady": (distributed["steady_img_s"] / plain["steady_img_s"]
+                         if distributed["steady_img_s"] and plain["steady_img_s"] else None),
+    }
+
+
+def print_model(result: dict) -> None:
+    model = result["model"]
+    first = next(iter(model.values()))
+    print(f"\nmodel alone (Engine.restore, batch {result['batch_size']}, {result['device']}):")
+    print(f"{'variant':<11} {'img/s':>9} {'ms/img':>8} {'ratio':>6} {'first call s':>13} {'peak GiB':>9} {'max diff':>9}")
+    for name, r in model.items():
+        peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
+        print(f"{name:<11} {r['img_s']:>9.2f} {r['ms_per_img']:>8.3f} {r['img_s'] / first['img_s']:>5.2f}x "
+              f"{r['first_call_s']:>13.1f} {peak:>9} {r['max_abs_diff_vs_first']:>9}")
+    if "profile" in result:
+        prof = result["profile"]
+        print(f"\nprofile of the default engine: {prof['ms_per_img']:.3f} ms of {prof['device_time']} time and "
+              f"{prof['ops_per_img']:.0f} profiled events per image"
+              + (f" ({prof['kernels_per_img']:.0f} GPU kernels)" if prof["kernels_per_img"] is not None else "")
+              + "; top by self time:")
+        for row in prof["top"]:
+            print(f"  {row['share']:6.1%}  {row['ms_per_img']:8.3f} ms/img  {row['calls_per_img']:7.2f} calls/img  "
+                  f"{row['op'][:90]}")
+
+
+def print_end_to_end(result: dict, target_img_s: float) -> None:
+    plain, budget = result["plain"], result["cpu_budget"]
+    steady = f"{result['ratio_steady']:.2f}x" if result["ratio_steady"] else "n/a"
+    print(f"\n{'path':<6} {'wall img/s':>11} {'steady img/s':>13} {'model img/s':>12}")
+    for name in ("plain", "ray"):
+        r = result[name]
+        print(f"{name:<6} {r['wall_img_s']:>11.2f} {r['steady_img_s'] or float('nan'):>13.2f} "
+              f"{r['model_img_s'] or float('nan'):>12.2f}")
+    print(f"ratio ray/plain: wall {result['ratio_wall']:.2f}x, steady {steady}; "
+          f"{result['identical_pngs']}/{plain['images']} PNGs byte-identical; "
+          f"plain profile s/img {plain['profile_s_per_img']}")
+    print(f"\nCPU per image (one core): read {budget['read_cpu_s'] * 1e3:.2f} ms + Ray rows -> block "
+          f"{budget['read_rows_to_block_cpu_s'] * 1e3:.2f} ms; cores per GPU at {target_img_s:g} img/s "
+          f"= rate x (read + rows -> block + write):")
+    for setting, w in budget["write"].items():
+        print(f"  --png-compression {setting:<5}  write {w['write_cpu_s'] * 1e3:6.2f} ms  {w['kib']:6.0f} KiB  "
+              f"cores {w['cores_at_target']:5.1f}")
+    conv = budget["actor_output_ms_per_img"]
+    print("actor output -> Ray block, CPU ms per image: "
+          + ", ".join(f"{name} {ms:.3f}" for name, ms in conv.items())
+          + f" ({conv['object array'] / max(conv['dense (actor default)'], 1e-9):.0f}x)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,14 +338,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tta", action="store_true")
     p.add_argument("--budget-images", type=int, default=64, help="images the CPU budget's write stage is timed on")
     p.add_argument("--target-img-s", type=float, default=500.0, help="GPU rate for the CPU-cores estimate")
+    p.add_argument("--model-variants", default="eager,benchmark",
+                   help=f"engine settings timed on the model alone, comma-separated: {', '.join(MODEL_VARIANTS)}")
+    p.add_argument("--model-seconds", type=float, default=10.0, help="timed seconds per model variant")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend of the compiled variants (aot_eager: trace only, for smoke runs)")
+    p.add_argument("--profile", action="store_true", help="torch.profiler table of the default engine's ops")
+    p.add_argument("--model-only", action="store_true",
+                   help="only the model variants (and --profile): no plain loop, Ray run or CPU budget")
     p.add_argument("--tiny", action="store_true", help="CPU smoke: 8 images of 64x64, tiny encoder, batch 4")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
     if args.tiny:
         args.n, args.size, args.batch_size = 8, 64, 4
         args.encoder, args.decoder_channels, args.cbam = "tu-test_efficientnet", "16,8,8,8,8", False
+        args.model_seconds = min(args.model_seconds, 1.0)
+    variants = [v for v in args.model_variants.split(",") if v]
+    unknown = [v for v in variants if v not in MODEL_VARIANTS]
+    if unknown or not variants:
+        p.error(f"--model-variants: unknown {', '.join(unknown) or '(none given)'}; "
+                f"choose from {', '.join(MODEL_VARIANTS)}")
 
-    import ray
     import torch
 
     with tempfile.TemporaryDirectory(prefix="infer_bench_") as tmp_name:
@@ -219,46 +370,20 @@ def main(argv: list[str] | None = None) -> int:
               f"device {'cuda: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, "
               f"{os.cpu_count()} CPUs", flush=True)
 
-        plain = plain_loop(split, checkpoint, tmp / "plain", args.batch_size, args.tta)
-        print(f"plain: {plain}", flush=True)
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
-        try:
-            distributed = ray_worker(split, checkpoint, tmp / "ray", args.batch_size, args.tta, args.cpus_per_worker)
-            # Inside the Ray session: Ray's block code needs it up.
-            budget = cpu_budget(split, tmp / "plain", tmp / "budget", args.target_img_s, args.budget_images)
-        finally:
-            ray.shutdown()
-        print(f"ray: {distributed}", flush=True)
-
-        same = sum((tmp / "plain" / p.name).read_bytes() == p.read_bytes() for p in (tmp / "ray").glob("*.png"))
-        result = {
-            "size": args.size, "images": plain["images"], "encoder": args.encoder, "batch_size": args.batch_size,
-            "tta": args.tta, "device": plain["device"], "cpus": os.cpu_count(), "plain": plain, "ray": distributed,
-            "identical_pngs": same, "cpu_budget": budget,
-            "ratio_wall": distributed["wall_img_s"] / plain["wall_img_s"],
-            "ratio_steady": (distributed["steady_img_s"] / plain["steady_img_s"]
-                             if distributed["steady_img_s"] and plain["steady_img_s"] else None),
-        }
-    steady = f"{result['ratio_steady']:.2f}x" if result["ratio_steady"] else "n/a"
-    plain["model_img_s"] = 1.0 / plain["profile_s_per_img"]["model"] if plain["profile_s_per_img"]["model"] else None
-    distributed["model_img_s"] = distributed["model_busy_img_s"]
-    print(f"\n{'path':<6} {'wall img/s':>11} {'steady img/s':>13} {'model img/s':>12}")
-    for name in ("plain", "ray"):
-        r = result[name]
-        print(f"{name:<6} {r['wall_img_s']:>11.2f} {r['steady_img_s'] or float('nan'):>13.2f} "
-              f"{r['model_img_s'] or float('nan'):>12.2f}")
-    print(f"ratio ray/plain: wall {result['ratio_wall']:.2f}x, steady {steady}; "
-          f"{same}/{plain['images']} PNGs byte-identical; plain profile s/img {plain['profile_s_per_img']}")
-    print(f"\nCPU per image (one core): read {budget['read_cpu_s'] * 1e3:.2f} ms + Ray rows -> block "
-          f"{budget['read_rows_to_block_cpu_s'] * 1e3:.2f} ms; cores per GPU at {args.target_img_s:g} img/s "
-          f"= rate x (read + rows -> block + write):")
-    for setting, w in budget["write"].items():
-        print(f"  --png-compression {setting:<5}  write {w['write_cpu_s'] * 1e3:6.2f} ms  {w['kib']:6.0f} KiB  "
-              f"cores {w['cores_at_target']:5.1f}")
-    conv = budget["actor_output_ms_per_img"]
-    print("actor output -> Ray block, CPU ms per image: "
-          + ", ".join(f"{name} {ms:.3f}" for name, ms in conv.items())
-          + f" ({conv['object array'] / max(conv['dense (actor default)'], 1e-9):.0f}x)")
+        samples = list(itertools.islice(iter_samples(shard_paths(split), with_gt=False), args.batch_size))
+        samples = [samples[i % len(samples)] for i in range(args.batch_size)]
+        gray, mask = np.stack([x.input for x in samples]), np.stack([x.mask for x in samples])
+        result = {"size": args.size, "encoder": args.encoder, "batch_size": args.batch_size, "tta": args.tta,
+                  "device": "cuda" if torch.cuda.is_available() else "cpu", "cpus": os.cpu_count(),
+                  "model": model_variants(checkpoint, gray, mask, variants, args.model_seconds, args.compile_backend,
+                                          args.tta)}
+        if args.profile:
+            result["profile"] = profile_engine(checkpoint, gray, mask, calls=3, tta=args.tta)
+        if not args.model_only:
+            result.update(end_to_end(args, split, checkpoint, tmp))
+    print_model(result)
+    if not args.model_only:
+        print_end_to_end(result, args.target_img_s)
     if args.json:
         schema.atomic_write_json(args.json, result)
     return 0

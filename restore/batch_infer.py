@@ -2,6 +2,7 @@
 
     python -m restore.batch_infer --shards data/shards/test --checkpoint runs/exp1 --out submission.zip
     python -m restore.batch_infer --images scans/ --out restored.zip --png-dir restored/ --skip-bad
+    python -m restore.batch_infer --shards archive/ --no-zip --png-dir out/ --compile default   # millions of images
 
 Pipeline (Ray Data, streaming, so a test set of millions never sits in memory):
 
@@ -306,33 +307,84 @@ def _read_images(item: dict) -> Iterator[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- the model (actors)
+# torch.compile settings for the model actors: "off" (eager), or a torch.compile mode. Compiled actors run one static
+# batch shape (the last, short batch is padded) so the model compiles once per image size; "reduce-overhead" adds
+# CUDA graphs on top of that.
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
+# cuDNN's autotuner searches kernels anew for every input shape: worth it for a shape that recurs (a packed split of
+# one size), wasted on a folder of photos that all differ. So an engine turns it on for a shape's third call.
+BENCHMARK_AFTER_CALLS = 3
+
+
 class Engine:
     """The checkpoints on one device: ``restore(gray, mask) -> rgb uint8`` with averaging, TTA and compositing.
 
     Used by the Ray actors and by ``bench/infer_throughput.py``'s plain loop, so both run the same numerics.
+    ``batch_size`` splits larger inputs into model calls of at most that many images; with ``compile`` on it is the
+    static batch every call is padded to. ``compile_backend`` is torch.compile's (tests use "aot_eager", which traces
+    the same graphs without generating kernels).
     """
 
     def __init__(self, checkpoints: Sequence[str | os.PathLike], *, tta: bool = False, composite: bool = True,
-                 device: str | None = None) -> None:
+                 device: str | None = None, batch_size: int | None = None, compile: str = "off",
+                 cudnn_benchmark: bool = True, compile_backend: str = "inductor") -> None:
         import torch
 
         from restore.model import load_restorer
 
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile={compile!r}: must be one of {', '.join(COMPILE_MODES)}")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: must be >= 1")
+        if compile != "off" and batch_size is None:
+            raise ValueError("a compiled engine needs batch_size: the static batch its calls are padded to")
         self.torch = torch
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.cuda = self.device.type == "cuda"
         self.tta, self.composite = tta, composite
+        self.batch_size, self.compile, self.cudnn_benchmark = batch_size, compile, cudnn_benchmark
         self.models = []
+        self._calls_per_shape: Counter = Counter()
         for path in checkpoints:
             model, _ = load_restorer(path, map_location=self.device)
             if self.cuda:  # channels_last convolutions are the fast path for bf16 on tensor cores
                 model = model.to(memory_format=torch.channels_last)
-            self.models.append(model.eval())
+            model = model.eval()
+            if compile != "off":
+                # dynamic=False: one graph for the static batch, no shape guards to re-check per call.
+                options = {"mode": None if compile == "default" else compile} if compile_backend == "inductor" else {}
+                model = torch.compile(model, backend=compile_backend, dynamic=False, **options)
+            self.models.append(model)
         self.forward_passes = 0  # images x models x flips, for the summary and the tests
+        self.padded_images = 0  # images added to fill a compiled engine's static batch
 
     def restore(self, gray: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """``gray`` uint8 [B,H,W], ``mask`` [B,H,W] (nonzero = hole) -> RGB uint8 [B,H,W,3]."""
+        n = len(gray)
+        step = self.batch_size or max(n, 1)
+        if n <= step and (self.compile == "off" or n == step):
+            return self._restore_batch(gray, mask)
+        parts = []
+        for first in range(0, n, step):
+            g, m = gray[first:first + step], mask[first:first + step]
+            short = step - len(g)
+            if self.compile != "off" and short:  # pad with copies of the last image; their outputs are dropped
+                g = np.concatenate([g, np.repeat(g[-1:], short, axis=0)])
+                m = np.concatenate([m, np.repeat(m[-1:], short, axis=0)])
+                self.padded_images += short
+            parts.append(self._restore_batch(g, m)[: step - short])
+        return np.concatenate(parts)
+
+    def _benchmark_this_call(self, shape: tuple[int, ...]) -> bool:
+        """Whether cuDNN's autotuner runs for this call: from a shape's ``BENCHMARK_AFTER_CALLS``-th call on."""
+        self._calls_per_shape[tuple(shape)] += 1
+        return self.cudnn_benchmark and self._calls_per_shape[tuple(shape)] >= BENCHMARK_AFTER_CALLS
+
+    def _restore_batch(self, gray: np.ndarray, mask: np.ndarray) -> np.ndarray:
         torch = self.torch
+        benchmark = self._benchmark_this_call(gray.shape)
+        if self.cuda:
+            torch.backends.cudnn.benchmark = benchmark
         g8 = torch.from_numpy(np.ascontiguousarray(gray, dtype=np.uint8)).to(self.device, non_blocking=True)
         hole = torch.from_numpy(np.ascontiguousarray(mask).astype(bool)).to(self.device, non_blocking=True)
         x = (g8.float() / 255.0)[:, None]
@@ -340,13 +392,16 @@ class Engine:
         if self.cuda:
             x, m = x.contiguous(memory_format=torch.channels_last), m.contiguous(memory_format=torch.channels_last)
         views = [False, True] if self.tta else [False]
+        graphs = self.compile == "reduce-overhead"
         total = None
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda):
             for model in self.models:
                 for flip in views:
                     xi, mi = (x.flip(-1), m.flip(-1)) if flip else (x, m)
+                    if graphs:  # each call is a new step: its outputs may reuse the previous replay's memory
+                        torch.compiler.cudagraph_mark_step_begin()
                     _, rgb = model(xi, mi)
-                    rgb = rgb.float()
+                    rgb = rgb.float().clone() if graphs else rgb.float()
                     rgb = rgb.flip(-1) if flip else rgb
                     total = rgb if total is None else total + rgb
                     self.forward_passes += int(x.shape[0])
@@ -362,13 +417,14 @@ class Engine:
 class RestoreWorker:
     """One Ray actor: the engine loaded once; restores the ``todo`` rows of each batch, passes the others on."""
 
-    def __init__(self, checkpoints: Sequence[str], tta: bool, composite: bool, keep_gt: bool) -> None:
+    def __init__(self, checkpoints: Sequence[str], tta: bool, composite: bool, keep_gt: bool,
+                 batch_size: int | None = None, compile: str = "off") -> None:
         import torch
 
         if not torch.cuda.is_available():
             # Ray sets OMP_NUM_THREADS to the actor's num_cpus; make torch's intra-op pool follow it.
             torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-        self.engine = Engine(checkpoints, tta=tta, composite=composite)
+        self.engine = Engine(checkpoints, tta=tta, composite=composite, batch_size=batch_size, compile=compile)
         self.keep_gt = keep_gt
         self.name = f"{socket.gethostname()}:{os.getpid()}:{self.engine.device}"
 
@@ -591,13 +647,15 @@ def run(args: argparse.Namespace) -> dict:
                                                                    args.cpus_per_worker)
         print(f"ray: {workers} worker(s) x ({gpus_per_worker:g} GPU, {cpus_per_worker:g} CPU), "
               f"batch {args.batch_size}, tta {'on' if args.tta else 'off'}, "
-              f"composite {'on' if args.composite else 'off'}, {len(checkpoints)} checkpoint(s)")
+              f"composite {'on' if args.composite else 'off'}, compile {args.compile}, "
+              f"{len(checkpoints)} checkpoint(s)")
         ds = ray.data.from_items(plan.items, override_num_blocks=len(plan.items))
         ds = ds.flat_map(read_item, fn_kwargs={"with_gt": args.score})
         ds = ds.map_batches(
             RestoreWorker,
             fn_constructor_kwargs={"checkpoints": [str(c) for c in checkpoints], "tta": args.tta,
-                                   "composite": args.composite, "keep_gt": args.score},
+                                   "composite": args.composite, "keep_gt": args.score,
+                                   "batch_size": args.batch_size, "compile": args.compile},
             compute=ray.data.ActorPoolStrategy(size=workers),
             batch_size=args.batch_size, batch_format="numpy", num_gpus=gpus_per_worker, num_cpus=cpus_per_worker,
         )
@@ -737,6 +795,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="also run the horizontally flipped image and average")
     p.add_argument("--no-composite", dest="composite", action="store_false",
                    help="keep the raw prediction outside the hole (default: re-impose the known luminance)")
+    p.add_argument("--compile", default="off", choices=COMPILE_MODES,
+                   help="torch.compile the model in each actor (default off). Costs minutes of compilation per "
+                        "actor at start-up, so it is for large sets; reduce-overhead adds CUDA graphs. Each actor "
+                        "runs one static batch shape (the last batch is padded)")
     p.add_argument("--png-compression", default="fast", choices=sorted(schema.PNG_COMPRESSION),
                    help="PNG writer (default fast: ~4 ms of CPU per 512x512 image; none: ~2 ms, 2.2x larger files; "
                         "small: libpng's adaptive filters, ~20x slower than fast, 7-15%% smaller)")

@@ -255,6 +255,50 @@ def test_engine_averages_checkpoints_and_flips_and_composites(ckpt, tmp_path):
         assert np.array_equal(_pil_l(got[i])[~mask[i]], gray[i][~mask[i]])
 
 
+def test_compiled_engine_pads_to_one_static_batch_and_matches_eager(ckpt):
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    rng = np.random.default_rng(2)
+    gray = rng.integers(0, 256, (7, 64, 64), dtype=np.uint8)
+    mask = np.zeros((7, 64, 64), bool)
+    mask[:, 8:28, 16:40] = True
+    want = batch_infer.Engine([ckpt], device="cpu").restore(gray, mask)
+
+    torch._dynamo.reset()
+    counters.clear()
+    # aot_eager: dynamo traces the real graph (what inductor would compile) without generating kernels.
+    engine = batch_infer.Engine([ckpt], device="cpu", batch_size=3, compile="default", compile_backend="aot_eager")
+    got = engine.restore(gray, mask)  # calls of 3, 3 and 1 padded to 3
+    assert np.array_equal(got, want)
+    assert engine.padded_images == 2 and engine.forward_passes == 9
+    assert np.array_equal(engine.restore(gray[4:5], mask[4:5]), want[4:5])
+    assert engine.padded_images == 4
+    assert counters["stats"]["unique_graphs"] == 1  # one static shape: no recompilation for the short batches
+
+
+def test_engine_rejects_bad_settings_and_tunes_cudnn_only_for_recurring_shapes(ckpt):
+    with pytest.raises(ValueError, match="compile='fast': must be one of off, default, reduce-overhead"):
+        batch_infer.Engine([ckpt], device="cpu", compile="fast")
+    with pytest.raises(ValueError, match="a compiled engine needs batch_size"):
+        batch_infer.Engine([ckpt], device="cpu", compile="default")
+    with pytest.raises(ValueError, match="batch_size=0: must be >= 1"):
+        batch_infer.Engine([ckpt], device="cpu", batch_size=0)
+
+    engine = batch_infer.Engine([ckpt], device="cpu")
+    calls = [engine._benchmark_this_call((4, 512, 512)) for _ in range(4)]
+    assert calls == [False, False, True, True]  # the autotuner's search pays only for a shape that recurs
+    assert engine._benchmark_this_call((4, 600, 400)) is False
+    off = batch_infer.Engine([ckpt], device="cpu", cudnn_benchmark=False)
+    assert not any(off._benchmark_this_call((4, 512, 512)) for _ in range(4))
+
+    # The CLI's setting reaches each actor's engine (wrapping only: nothing compiles before the first batch).
+    worker = batch_infer.RestoreWorker([str(ckpt)], tta=False, composite=True, keep_gt=False, batch_size=4,
+                                       compile="reduce-overhead")
+    assert (worker.engine.compile, worker.engine.batch_size) == ("reduce-overhead", 4)
+    assert batch_infer.build_parser().parse_args(["--shards", "x", "--compile", "default"]).compile == "default"
+
+
 def test_composite_matches_pil_luma_exactly_even_where_channels_clip():
     rng = np.random.default_rng(1)
     rgb = rng.integers(0, 256, (3, 40, 40, 3), dtype=np.uint8)

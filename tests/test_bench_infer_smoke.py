@@ -12,7 +12,9 @@ pytestmark = pytest.mark.ray
 
 def test_infer_throughput_tiny_runs_both_paths_and_prints_the_ratio(repo_root, tmp_path):
     out = tmp_path / "bench.json"
-    r = subprocess.run([sys.executable, str(repo_root / "bench" / "infer_throughput.py"), "--tiny", "--json", str(out)],
+    # aot_eager: the compiled variant traces the real graph without inductor's minute of kernel generation on CPU.
+    r = subprocess.run([sys.executable, str(repo_root / "bench" / "infer_throughput.py"), "--tiny", "--json", str(out),
+                        "--model-variants", "eager,benchmark,compile", "--compile-backend", "aot_eager", "--profile"],
                        cwd=repo_root, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ratio ray/plain: wall " in r.stdout
@@ -34,3 +36,21 @@ def test_infer_throughput_tiny_runs_both_paths_and_prints_the_ratio(repo_root, t
     assert "cores per GPU at 500 img/s" in r.stdout
     assert set(budget["actor_output_ms_per_img"]) == {"object array", "dense (actor default)"}
     assert all(ms > 0 for ms in budget["actor_output_ms_per_img"].values())
+
+    model = result["model"]
+    assert set(model) == {"eager", "benchmark", "compile"}
+    for r_ in model.values():
+        assert r_["img_s"] > 0 and r_["ms_per_img"] == pytest.approx(1e3 / r_["img_s"])
+        assert r_["max_abs_diff_vs_first"] == 0  # same numerics on CPU: fp32, and aot_eager runs the same aten ops
+    assert "model alone (Engine.restore, batch 4, cpu)" in r.stdout
+    prof = result["profile"]
+    assert prof["device_time"] == "cpu" and prof["ms_per_img"] > 0 and prof["kernels_per_img"] is None
+    assert 0 < sum(row["share"] for row in prof["top"]) <= 1 + 1e-9
+    assert any("conv" in row["op"] for row in prof["top"][:3])  # a U-Net's time is in its convolutions
+
+
+def test_infer_throughput_rejects_unknown_model_variants(repo_root):
+    r = subprocess.run([sys.executable, str(repo_root / "bench" / "infer_throughput.py"), "--tiny",
+                        "--model-variants", "eager,turbo"], cwd=repo_root, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "--model-variants: unknown turbo; choose from eager, benchmark, compile, cudagraphs, autotune" in r.stderr
