@@ -6,8 +6,9 @@
 
 Three measurements on the same shards:
 1. decode per sample (in memory, one process): the ground truth with PIL alone, the same with the project's
-   ``shards.schema.decode_png`` (OpenCV for 8-bit PNGs: what the loader uses when it re-masks), and
-   the full ``shards.reader.decode_sample`` (input, mask and gt with PIL: the loader's path without re-masking);
+   ``shards.schema.decode_png`` (its own decoder for the project's PNGs, OpenCV for other 8-bit PNGs: what the
+   loader uses when it re-masks), and the full ``shards.reader.decode_sample`` (input, mask and gt: the loader's
+   path without re-masking);
 2. augmentation per sample (crop, flip, PIL gray, new hole, damage) without decoding;
 3. the real loader (``shards.pipeline.TrainBatches`` in a ``DataLoader``) end to end with W workers: samples/s and
    samples/s per worker (W = 0 means the main process does the work, i.e. one worker without IPC).
@@ -129,7 +130,7 @@ def main(argv=None) -> int:
     timed = {
         "decode_gt_pil": per_sample_seconds(lambda r: np.asarray(Image.open(io.BytesIO(r[GT_EXT]))), raws,
                                             args.min_time),
-        "decode_gt_cv2": per_sample_seconds(lambda r: decode_png(r[GT_EXT], "RGB"), raws, args.min_time),
+        "decode_gt_project": per_sample_seconds(lambda r: decode_png(r[GT_EXT], "RGB"), raws, args.min_time),
         "decode_sample_all": per_sample_seconds(decode_sample, raws, args.min_time),
     }
     augment = pipeline.Augment(crop_size=args.crop)

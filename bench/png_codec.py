@@ -9,7 +9,8 @@ times, per image and in CPU seconds of one core (robust to a busy machine):
 - encode: ``encode_png`` with each ``PNG_COMPRESSION`` setting against what the libraries offer: PIL at zlib level 1
   (libpng's adaptive filters; the reference, and the project's first writer) and OpenCV's fastest lossless setting
   (UP filter, run-length deflate, level 1; the second);
-- decode: the same bytes read by OpenCV (the training loader's decoder) and by PIL (``decode_png``);
+- decode: the same bytes read by ``decode_png`` (what the project's readers call: its own decoder for the
+  project's "fast"/"none" RGB PNGs, OpenCV for the rest), by OpenCV alone and by PIL;
 - size in KiB.
 Images: scikit-image's photos resized to ``--size`` and a blurred copy of each (restored images are smoother than
 photos), or the ground truth of ``--shards`` samples. Every encoding is checked to decode to the exact pixels.
@@ -30,7 +31,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shards.schema import PNG_COMPRESSION, encode_png  # noqa: E402
+from shards.schema import PNG_COMPRESSION, decode_png, encode_png  # noqa: E402
 from report import emit  # noqa: E402  (bench/report.py, beside this script)
 
 REFERENCE = "pil-level1"
@@ -89,17 +90,19 @@ def measure(images: list[np.ndarray], reps: int) -> dict[str, dict[str, float]]:
     encoders.update({f"project-{name}": (lambda a, name=name: encode_png(a, "RGB", name)) for name in PNG_COMPRESSION})
     rows = {}
     for label, encode in encoders.items():
-        enc, dec_cv, dec_pil, kib = [], [], [], []
+        enc, dec_project, dec_cv, dec_pil, kib = [], [], [], [], []
         for rgb in images:
             data = encode(rgb)
             back = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-            if not np.array_equal(back, rgb):
+            if not np.array_equal(back, rgb) or not np.array_equal(decode_png(data, "RGB"), rgb):
                 raise SystemExit(f"{label}: decoded pixels differ from the encoded image")
             enc.append(cpu_ms(encode, rgb, reps))
+            dec_project.append(cpu_ms(lambda d: decode_png(d, "RGB"), data, reps))
             dec_cv.append(cpu_ms(lambda d: cv2.imdecode(np.frombuffer(d, np.uint8), cv2.IMREAD_COLOR), data, reps))
             dec_pil.append(cpu_ms(lambda d: np.asarray(Image.open(io.BytesIO(d))), data, reps))
             kib.append(len(data) / 1024)
-        rows[label] = {"encode_ms": float(np.mean(enc)), "decode_opencv_ms": float(np.mean(dec_cv)),
+        rows[label] = {"encode_ms": float(np.mean(enc)), "decode_project_ms": float(np.mean(dec_project)),
+                       "decode_opencv_ms": float(np.mean(dec_cv)),
                        "decode_pil_ms": float(np.mean(dec_pil)), "kib": float(np.mean(kib))}
     ref = rows[REFERENCE]
     for row in rows.values():
@@ -125,10 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     images = shard_images(args.shards, args.n) if args.shards else photo_images(args.size, args.n)
     rows = measure(images, args.reps)
     print(f"{len(images)} images {images[0].shape}, CPU ms per image on one core; ratios vs {REFERENCE}")
-    print(f"{'setting':16s} {'encode':>8s} {'decode cv2':>11s} {'decode PIL':>11s} {'KiB':>6s} "
+    print(f"{'setting':16s} {'encode':>8s} {'decode':>7s} {'decode cv2':>11s} {'decode PIL':>11s} {'KiB':>6s} "
           f"{'enc x':>6s} {'dec x':>6s} {'size x':>7s}")
     for label, r in rows.items():
-        print(f"{label:16s} {r['encode_ms']:8.2f} {r['decode_opencv_ms']:11.2f} {r['decode_pil_ms']:11.2f} "
+        print(f"{label:16s} {r['encode_ms']:8.2f} {r['decode_project_ms']:7.2f} {r['decode_opencv_ms']:11.2f} {r['decode_pil_ms']:11.2f} "
               f"{r['kib']:6.0f} {r['encode_speedup']:6.2f} {r['decode_opencv_speedup']:6.2f} {r['size_ratio']:7.2f}")
     result = {"images": len(images), "shape": list(images[0].shape), "source": args.shards or "skimage photos",
               "machine": platform.processor() or platform.machine(), "opencv": cv2.__version__, "rows": rows}

@@ -33,7 +33,7 @@ def test_loader_throughput_tiny_reports_per_worker_rate(tiny_shards, tmp_path):
     out = json.loads((tmp_path / "l.json").read_text())
     assert [r["workers"] for r in out["loader"]] == [0, 1]
     assert out["per_worker_samples_s"] > 0 and out["workers_needed"] >= 1
-    assert set(out["per_sample"]) >= {"decode_gt_pil_ms", "decode_gt_cv2_cpu_ms", "decode_sample_all_ms"}
+    assert set(out["per_sample"]) >= {"decode_gt_pil_ms", "decode_gt_project_cpu_ms", "decode_sample_all_ms"}
     assert "samples/s per worker" in res.stdout
 
 
