@@ -45,6 +45,7 @@ from skimage import data as skdata
 from restore import batch_infer
 from shards import schema
 from shards.reader import iter_samples, shard_paths
+from report import op_profile, print_op_profile  # bench/report.py, beside this script
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 
@@ -227,18 +228,7 @@ def profile_engine(checkpoint: Path, gray: np.ndarray, mask: np.ndarray, calls: 
     with profile(activities=activities) as prof:
         for _ in range(calls):
             engine.restore(gray, mask)
-    attr = "self_device_time_total" if engine.cuda else "self_cpu_time_total"
-    events = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)
-    total_us = sum(getattr(e, attr) for e in events)
-    images = calls * len(gray)
-    # On a GPU the kernels are the events with device time of their own; their count per image against the device
-    # time says whether the model is launch-bound (a few µs per launch) or bound by the kernels themselves.
-    kernels = sum(e.count for e in events if engine.cuda and e.self_device_time_total > 0)
-    top = [{"op": e.key, "calls_per_img": e.count / images, "ms_per_img": getattr(e, attr) / images / 1e3,
-            "share": getattr(e, attr) / total_us if total_us else 0.0} for e in events[:rows]]
-    return {"device_time": "cuda" if engine.cuda else "cpu", "ms_per_img": total_us / images / 1e3,
-            "ops_per_img": sum(e.count for e in events) / images,
-            "kernels_per_img": kernels / images if engine.cuda else None, "top": top}
+    return op_profile(prof, engine.cuda, calls * len(gray), rows)
 
 
 def ray_worker(split: Path, checkpoint: Path, png_dir: Path, batch_size: int, tta: bool,
@@ -291,14 +281,8 @@ def print_model(result: dict) -> None:
         print(f"{name:<11} {r['img_s']:>9.2f} {r['ms_per_img']:>8.3f} {r['img_s'] / first['img_s']:>5.2f}x "
               f"{r['first_call_s']:>13.1f} {peak:>9} {r['max_abs_diff_vs_first']:>9}")
     if "profile" in result:
-        prof = result["profile"]
-        print(f"\nprofile of the default engine: {prof['ms_per_img']:.3f} ms of {prof['device_time']} time and "
-              f"{prof['ops_per_img']:.0f} profiled events per image"
-              + (f" ({prof['kernels_per_img']:.0f} GPU kernels)" if prof["kernels_per_img"] is not None else "")
-              + "; top by self time:")
-        for row in prof["top"]:
-            print(f"  {row['share']:6.1%}  {row['ms_per_img']:8.3f} ms/img  {row['calls_per_img']:7.2f} calls/img  "
-                  f"{row['op'][:90]}")
+        print()
+        print_op_profile(result["profile"], "img")
 
 
 def print_end_to_end(result: dict, target_img_s: float) -> None:

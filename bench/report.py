@@ -16,3 +16,28 @@ def emit(result: dict, json_path: str | os.PathLike | None) -> None:
     print(line)
     if json_path:
         atomic_write_bytes(Path(json_path), (line + "\n").encode())
+
+
+def op_profile(prof, cuda: bool, units: int, rows: int = 15) -> dict:
+    """A torch.profiler run summarised per unit (image or step): the ops by self time on the device (CPU time when
+    ``cuda`` is False), their share, and on a GPU the kernels per unit, whose count against the device time says
+    whether the work is launch-bound (many kernels of a few µs) or bound by the kernels themselves."""
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)
+    total_us = sum(getattr(e, attr) for e in events)
+    kernels = sum(e.count for e in events if cuda and e.self_device_time_total > 0)
+    top = [{"op": e.key, "calls_per_unit": e.count / units, "ms_per_unit": getattr(e, attr) / units / 1e3,
+            "share": getattr(e, attr) / total_us if total_us else 0.0} for e in events[:rows]]
+    return {"device_time": "cuda" if cuda else "cpu", "ms_per_unit": total_us / units / 1e3,
+            "events_per_unit": sum(e.count for e in events) / units,
+            "kernels_per_unit": kernels / units if cuda else None, "top": top}
+
+
+def print_op_profile(summary: dict, unit: str) -> None:
+    kernels = summary["kernels_per_unit"]
+    print(f"profile: {summary['ms_per_unit']:.3f} ms of {summary['device_time']} time and "
+          f"{summary['events_per_unit']:.0f} profiled events per {unit}"
+          + (f" ({kernels:.0f} GPU kernels)" if kernels is not None else "") + "; top by self time:")
+    for row in summary["top"]:
+        print(f"  {row['share']:6.1%}  {row['ms_per_unit']:8.3f} ms/{unit}  {row['calls_per_unit']:7.2f} calls/{unit}  "
+              f"{row['op'][:90]}")

@@ -4,6 +4,7 @@
                                      [--encoder efficientnet-b4] [--json OUT.json]
     python bench/train_throughput.py --tiny [--shards SHARDS_DIR]     # CPU smoke: test encoder, 64 px, 3 steps
     python bench/train_throughput.py --variant b32=default,batch=32 --recipes seed,default,b32   # extra recipes
+    python bench/train_throughput.py --sources synthetic --recipes default --profile-steps 5       # + kernel profile
 
 Recipes (same model: two U-Net++ stages with CBAM, trained jointly with the job's losses):
   seed     fp32, eager, contiguous (NCHW), AdamW (foreach), batch 8
@@ -35,7 +36,7 @@ from restore.losses import Stage1Loss, Stage2Loss  # noqa: E402
 from restore.model import ModelSpec, build_model  # noqa: E402
 from shards import pipeline  # noqa: E402
 from shards.damage import apply_damage, random_fill, random_mask, to_gray  # noqa: E402
-from report import emit  # noqa: E402  (bench/report.py, beside this script)
+from report import emit, op_profile, print_op_profile  # noqa: E402  (bench/report.py, beside this script)
 
 
 def recipes(device: torch.device, tiny: bool) -> dict[str, dict]:
@@ -179,6 +180,21 @@ def run_one(name: str, recipe: dict, source: str, args, device: torch.device, sp
         sync(device)
         dt = time.perf_counter() - t0
     loss = float(last.detach())
+    profile = None
+    if args.profile_steps:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        cuda = device.type == "cuda"
+        with torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            t0 = time.perf_counter()
+            for _ in range(args.profile_steps):
+                step()
+            sync(device)
+            profiled_s = time.perf_counter() - t0
+        profile = op_profile(prof, cuda, args.profile_steps)
+        # Device time against wall time of the same steps: the share of the step the GPU had work (the profiler's
+        # own overhead lowers it a little).
+        profile["wall_ms_per_unit"] = profiled_s / args.profile_steps * 1e3
     if loader is not None:
         del batches
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
@@ -188,7 +204,7 @@ def run_one(name: str, recipe: dict, source: str, args, device: torch.device, sp
             "compile": recipe["compile"] and recipe["compile_mode"],
             "img_per_s": batch * args.steps / dt, "step_ms": step_ms, "peak_mem_gib": peak,
             "gpu_util": util.mean, "warmup_s": warm_s,
-            "warmup_overhead_s": max(0.0, warm_s - args.warmup * step_ms / 1e3), "loss": loss}
+            "warmup_overhead_s": max(0.0, warm_s - args.warmup * step_ms / 1e3), "loss": loss, "profile": profile}
 
 
 def main(argv=None) -> int:
@@ -205,6 +221,9 @@ def main(argv=None) -> int:
                     help="an extra recipe: BASE (seed|default) with some keys changed, e.g. b32=default,batch=32 or "
                          "eager=default,compile=0; run it by naming it in --recipes")
     ap.add_argument("--sources", default="synthetic,shards")
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="after the timed steps, this many more under torch.profiler: the ops that take the step's "
+                         "device time, kernels per step (is it launch-bound?)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke: timm test encoder, 64 px, 3 steps, batch 2/4")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
@@ -251,6 +270,10 @@ def main(argv=None) -> int:
             print(f"{source:9s} {name:8s} {row['precision']:4s} batch {row['batch']:3d} | {row['img_per_s']:8.2f} img/s"
                   f" | step {row['step_ms']:8.1f} ms | peak {mem} | util {util} | warm-up {row['warmup_s']:.1f}s",
                   flush=True)
+            if row["profile"]:
+                print(f"{source} {name}: {args.profile_steps} steps profiled, "
+                      f"{row['profile']['wall_ms_per_unit']:.1f} ms wall per step;", end=" ")
+                print_op_profile(row["profile"], "step")
     ratios = {}
     for source in sources:
         by = {r["recipe"]: r for r in rows if r["source"] == source}

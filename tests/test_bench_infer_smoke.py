@@ -44,7 +44,7 @@ def test_infer_throughput_tiny_runs_both_paths_and_prints_the_ratio(repo_root, t
         assert r_["max_abs_diff_vs_first"] == 0  # same numerics on CPU: fp32, and aot_eager runs the same aten ops
     assert "model alone (Engine.restore, batch 4, cpu)" in r.stdout
     prof = result["profile"]
-    assert prof["device_time"] == "cpu" and prof["ms_per_img"] > 0 and prof["kernels_per_img"] is None
+    assert prof["device_time"] == "cpu" and prof["ms_per_unit"] > 0 and prof["kernels_per_unit"] is None
     assert 0 < sum(row["share"] for row in prof["top"]) <= 1 + 1e-9
     assert any("conv" in row["op"] for row in prof["top"][:3])  # a U-Net's time is in its convolutions
 

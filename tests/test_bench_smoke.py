@@ -23,6 +23,7 @@ def test_train_throughput_tiny_reports_both_recipes_and_the_ratio(tiny_shards, t
         (s, r) for s in ("synthetic", "shards") for r in ("seed", "default")}
     for r in out["rows"]:
         assert r["img_per_s"] > 0 and r["step_ms"] > 0 and r["loss"] == r["loss"]  # not NaN
+    assert all(r["profile"] is None for r in out["rows"])  # no --profile-steps, no profile
     seed = next(r for r in out["rows"] if r["recipe"] == "seed")
     assert (seed["precision"], seed["channels_last"], seed["compile"]) == ("fp32", False, False)
     assert set(out["ratio"]) == {"synthetic", "shards"} and "ratio default/seed (shards):" in res.stdout
@@ -76,8 +77,14 @@ def test_curate_speed_small_run_reports_timings_and_grouping(tmp_path):
 
 def test_train_throughput_variants_change_only_the_named_keys(tmp_path):
     res = bench("train_throughput.py", "--tiny", "--sources", "synthetic", "--variant", "b1=default,batch=1",
-                "--variant", "nocl=default,channels_last=0", "--recipes", "b1,nocl", "--json", tmp_path / "v.json")
+                "--variant", "nocl=default,channels_last=0", "--recipes", "b1,nocl", "--json", tmp_path / "v.json",
+                "--profile-steps", "1")
     rows = {r["recipe"]: r for r in json.loads((tmp_path / "v.json").read_text())["rows"]}
+    for row in rows.values():  # one extra step under torch.profiler: where a training step's time goes
+        prof = row["profile"]
+        assert prof["device_time"] == "cpu" and prof["ms_per_unit"] > 0 and prof["wall_ms_per_unit"] > 0
+        assert any("convolution" in op["op"] for op in prof["top"][:3])
+    assert "b1: 1 steps profiled" in res.stdout and "calls/step  aten::convolution_backward" in res.stdout
     assert (rows["b1"]["batch"], rows["b1"]["channels_last"]) == (1, True)
     assert (rows["nocl"]["batch"], rows["nocl"]["channels_last"]) == (4, False)  # tiny default batch, layout changed
     assert "ratio default/seed" not in res.stdout  # no seed row, so no ratio line
