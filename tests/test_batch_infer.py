@@ -399,3 +399,35 @@ def test_actor_output_is_dense_when_sizes_agree_and_ray_sees_the_same_column():
     mixed = batch_infer._rgb_column([a, np.zeros((2, 2, 3), np.uint8)], todo=[0, 1])
     assert mixed.dtype == object and [m.shape for m in mixed] == [(4, 6, 3), (2, 2, 3)]
     assert batch_infer._rgb_column([empty, empty], todo=[]).shape == (2, 0, 0, 3)
+
+
+def test_actor_hands_the_engines_array_on_when_every_row_was_restored(ckpt):
+    worker = batch_infer.RestoreWorker([str(ckpt)], tta=False, composite=True, keep_gt=False, batch_size=4)
+    returned = []
+    restore = worker.engine.restore
+
+    def spy(gray, mask):  # the real engine, its result recorded
+        returned.append(restore(gray, mask))
+        return returned[-1]
+
+    worker.engine.restore = spy
+    rng = np.random.default_rng(5)
+    gray = rng.integers(0, 256, (3, 32, 32), dtype=np.uint8)
+    mask = np.zeros((3, 32, 32), np.uint8)
+    mask[:, 4:12, 8:20] = 1
+
+    def batch(statuses):
+        n = len(statuses)
+        return {"key": np.array([f"k{i}" for i in range(n)], dtype=object), "where": np.array(["s"] * n, dtype=object),
+                "status": np.array(statuses, dtype=object), "error": np.array([""] * n, dtype=object),
+                "note": np.array([""] * n, dtype=object), "height": np.full(n, 32), "width": np.full(n, 32),
+                "input": gray[:n], "mask": mask[:n]}
+
+    all_todo = worker(batch([batch_infer.TODO] * 3))
+    assert all_todo["rgb"] is returned[-1]  # no copy: the usual batch
+    assert all_todo["rgb"].shape == (3, 32, 32, 3)
+    partly = worker(batch([batch_infer.TODO, batch_infer.DONE, batch_infer.TODO]))
+    assert partly["rgb"] is not returned[-1] and partly["rgb"].shape == (3, 32, 32, 3)
+    assert (partly["rgb"][1] == 0).all()  # the finished row holds no image
+    assert np.array_equal(partly["rgb"][[0, 2]], returned[-1])
+    assert np.array_equal(partly["rgb"][0], all_todo["rgb"][0])
