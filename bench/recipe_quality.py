@@ -3,8 +3,8 @@
     python bench/recipe_quality.py --shards SHARDS_DIR [--steps 400] [--val-every 100] [--json OUT.json]
     python bench/recipe_quality.py --tiny                      # CPU smoke: 2 gloo ranks, tiny model, 64 px
 
-Both runs are ``python -m torch.distributed.run --standalone -m job.train`` on the same shards, seed, schedule and
-validation split; only the speed settings differ:
+Both runs are ``python -m torch.distributed.run --standalone -m job.train`` on the same shards, seed (the job's 0, or
+``seed=K`` among the extra overrides), schedule and validation split; only the speed settings differ:
 
   seed     precision=fp32 channels_last=false compile=off batch_size=--seed-batch (8)
   default  the job's own defaults (bf16 autocast, channels_last, torch.compile on CUDA) with batch_size=--batch (16)
@@ -54,7 +54,7 @@ def pack_demo_shards(root: Path, crops_per_photo: int) -> Path:
 def train(name: str, args, shards: Path, run_dir: Path, nproc: int) -> dict:
     overrides = [f"encoder={args.encoder}", f"decoder_channels={args.decoder_channels}", f"crop_size={args.size}",
                  f"max_steps={args.steps}", f"val_every={args.val_every}", f"warmup_steps={args.warmup_steps}",
-                 f"num_workers={args.workers}", "resume=never", "patience=0", "seed=0",
+                 f"num_workers={args.workers}", "resume=never", "patience=0",
                  f"lr={args.default_lr if name == 'default' and args.default_lr else args.lr}",
                  f"log_every={args.val_every}", *recipe_overrides(name, args.batch, args.seed_batch),
                  *args.extra]

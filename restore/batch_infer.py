@@ -352,7 +352,7 @@ class Engine:
             model = model.eval()
             if compile != "off":
                 # dynamic=False: one graph for the static batch, no shape guards to re-check per call.
-                options = {"mode": None if compile == "default" else compile} if compile_backend == "inductor" else {}
+                options = {"mode": compile} if compile_backend == "inductor" else {}  # modes are inductor's
                 model = torch.compile(model, backend=compile_backend, dynamic=False, **options)
             self.models.append(model)
         self.forward_passes = 0  # images x models x flips, for the summary and the tests
@@ -360,25 +360,23 @@ class Engine:
 
     def restore(self, gray: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """``gray`` uint8 [B,H,W], ``mask`` [B,H,W] (nonzero = hole) -> RGB uint8 [B,H,W,3]."""
-        n = len(gray)
-        step = self.batch_size or max(n, 1)
-        if n <= step and (self.compile == "off" or n == step):
-            return self._restore_batch(gray, mask)
+        step = self.batch_size or max(len(gray), 1)
         parts = []
-        for first in range(0, n, step):
+        for first in range(0, len(gray), step):
             g, m = gray[first:first + step], mask[first:first + step]
-            short = step - len(g)
-            if self.compile != "off" and short:  # pad with copies of the last image; their outputs are dropped
+            short = step - len(g) if self.compile != "off" else 0
+            if short:  # pad with copies of the last image to the static batch; their outputs are dropped
                 g = np.concatenate([g, np.repeat(g[-1:], short, axis=0)])
                 m = np.concatenate([m, np.repeat(m[-1:], short, axis=0)])
                 self.padded_images += short
-            parts.append(self._restore_batch(g, m)[: step - short])
-        return np.concatenate(parts)
+            parts.append(self._restore_batch(g, m)[: len(g) - short])
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)  # one call: no copy
 
     def _benchmark_this_call(self, shape: tuple[int, ...]) -> bool:
         """Whether cuDNN's autotuner runs for this call: from a shape's ``BENCHMARK_AFTER_CALLS``-th call on."""
-        self._calls_per_shape[tuple(shape)] += 1
-        return self.cudnn_benchmark and self._calls_per_shape[tuple(shape)] >= BENCHMARK_AFTER_CALLS
+        shape = tuple(shape)
+        self._calls_per_shape[shape] += 1
+        return self.cudnn_benchmark and self._calls_per_shape[shape] >= BENCHMARK_AFTER_CALLS
 
     def _restore_batch(self, gray: np.ndarray, mask: np.ndarray) -> np.ndarray:
         torch = self.torch
@@ -652,6 +650,9 @@ def run(args: argparse.Namespace) -> dict:
               f"batch {args.batch_size}, tta {'on' if args.tta else 'off'}, "
               f"composite {'on' if args.composite else 'off'}, compile {args.compile}, "
               f"{len(checkpoints)} checkpoint(s)")
+        if args.compile != "off":
+            print(f"compile: each actor compiles the model on its first batch (minutes on a GPU) before its first "
+                  f"images arrive; then every call runs a static batch of {args.batch_size}")
         ds = ray.data.from_items(plan.items, override_num_blocks=len(plan.items))
         ds = ds.flat_map(read_item, fn_kwargs={"with_gt": args.score})
         ds = ds.map_batches(

@@ -208,9 +208,9 @@ def _decode_own_png(data: bytes, mode: str) -> np.ndarray | None:
         raw = isal_zlib.decompress(b"".join(idat))
     except Exception:
         return None
-    if len(raw) != height * (1 + width * channels):
+    if len(raw) != height * row_bytes:
         return None
-    scanlines = np.frombuffer(raw, np.uint8).reshape(height, 1 + width * channels)
+    scanlines = np.frombuffer(raw, np.uint8).reshape(height, row_bytes)
     filters = scanlines[:, 0]
     pixels = scanlines[:, 1:].copy()
     if (filters == _FILTER_UP).all():  # row i = its bytes + row i-1's, mod 256 (uint8 wraps)
