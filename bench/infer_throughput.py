@@ -176,7 +176,8 @@ def cpu_budget(split: Path, rgb_dir: Path, scratch: Path, target_img_s: float, m
 # Engine settings timed side by side on the model alone (uint8 in, both stages, compositing, uint8 RGB back on the host).
 MODEL_VARIANTS = {
     "eager": {"cudnn_benchmark": False},
-    "benchmark": {},  # the engine's default: cuDNN's autotuner for recurring shapes
+    "unfused": {"cudnn_benchmark": False, "fuse_bn": False},  # eager with the BatchNorms left as they were trained
+    "benchmark": {},  # the engine's default: cuDNN's autotuner for recurring shapes, BatchNorms folded
     "compile": {"compile": "default"},
     "cudagraphs": {"compile": "reduce-overhead"},
     "autotune": {"compile": "max-autotune-no-cudagraphs"},
@@ -322,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tta", action="store_true")
     p.add_argument("--budget-images", type=int, default=64, help="images the CPU budget's write stage is timed on")
     p.add_argument("--target-img-s", type=float, default=500.0, help="GPU rate for the CPU-cores estimate")
-    p.add_argument("--model-variants", default="eager,benchmark",
+    p.add_argument("--model-variants", default="unfused,eager,benchmark",
                    help=f"engine settings timed on the model alone, comma-separated: {', '.join(MODEL_VARIANTS)}")
     p.add_argument("--model-seconds", type=float, default=10.0, help="timed seconds per model variant")
     p.add_argument("--compile-backend", default="inductor",

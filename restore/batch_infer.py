@@ -322,14 +322,15 @@ class Engine:
     Used by the Ray actors and by ``bench/infer_throughput.py``'s plain loop, so both run the same numerics.
     ``batch_size`` splits larger inputs into model calls of at most that many images; with ``compile`` on it is the
     static batch every call is padded to. ``compile_backend`` is torch.compile's (tests use "aot_eager", which traces
-    the same graphs without generating kernels).
+    the same graphs without generating kernels). ``fuse_bn`` folds each BatchNorm into its conv (``restore.fuse``).
     """
 
     def __init__(self, checkpoints: Sequence[str | os.PathLike], *, tta: bool = False, composite: bool = True,
                  device: str | None = None, batch_size: int | None = None, compile: str = "off",
-                 cudnn_benchmark: bool = True, compile_backend: str = "inductor") -> None:
+                 cudnn_benchmark: bool = True, compile_backend: str = "inductor", fuse_bn: bool = True) -> None:
         import torch
 
+        from restore.fuse import fuse_batchnorm, restorer_probe
         from restore.model import load_restorer
 
         if compile not in COMPILE_MODES:
@@ -345,8 +346,13 @@ class Engine:
         self.batch_size, self.compile, self.cudnn_benchmark = batch_size, compile, cudnn_benchmark
         self.models = []
         self._calls_per_shape: Counter = Counter()
+        self.fuse_reports = []
         for path in checkpoints:
-            model, _ = load_restorer(path, map_location=self.device)
+            model, _ = load_restorer(path, map_location="cpu")
+            if fuse_bn:  # checked on the CPU in fp32: no TF32 or bf16 rounding in the comparison
+                model, report = fuse_batchnorm(model, *restorer_probe())
+                self.fuse_reports.append(report)
+            model = model.to(self.device)
             if self.cuda:  # channels_last convolutions are the fast path for bf16 on tensor cores
                 model = model.to(memory_format=torch.channels_last)
             model = model.eval()

@@ -277,6 +277,20 @@ def test_compiled_engine_pads_to_one_static_batch_and_matches_eager(ckpt):
     assert counters["stats"]["unique_graphs"] == 1  # one static shape: no recompilation for the short batches
 
 
+def test_engine_folds_batchnorms_and_restores_the_same_images(ckpt):
+    rng = np.random.default_rng(3)
+    gray = rng.integers(0, 256, (3, 64, 64), dtype=np.uint8)
+    mask = np.zeros((3, 64, 64), bool)
+    mask[:, 10:30, 5:45] = True
+    fused = batch_infer.Engine([ckpt], device="cpu")
+    plain = batch_infer.Engine([ckpt], device="cpu", fuse_bn=False)
+    (report,) = fused.fuse_reports
+    assert report.pairs == report.batchnorms == 68 and report.max_abs_diff < 1e-4
+    assert plain.fuse_reports == []
+    got, want = fused.restore(gray, mask), plain.restore(gray, mask)
+    assert np.abs(got.astype(np.int16) - want).max() <= 1  # float rounding may move a value across a .5
+
+
 def test_engine_rejects_bad_settings_and_tunes_cudnn_only_for_recurring_shapes(ckpt):
     with pytest.raises(ValueError, match="compile='fast': must be one of off, default, reduce-overhead"):
         batch_infer.Engine([ckpt], device="cpu", compile="fast")
