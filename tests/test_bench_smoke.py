@@ -120,3 +120,47 @@ def test_recipe_quality_tiny_trains_both_recipes_with_the_real_job(tmp_path):
     assert "lr=0.0001" in runs["seed"]["overrides"]
     assert "validation score (exact DACON metric) per step" in res.stdout
     assert "  seed: val step 2: score" in res.stdout and "  default: val step 4: score" in res.stdout  # progress
+
+
+def test_roofline_counts_one_conv_exactly_and_orders_the_floors(tmp_path):
+    import torch
+
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import roofline
+
+    conv = torch.nn.Conv2d(4, 8, 3, padding=1).to("meta")
+    x = torch.empty(2, 4, 16, 16, device="meta")
+    trace = roofline.count(lambda: conv(x), peak_flops=1e12, bandwidth=1e11)
+    (row,) = trace.by_op.items()
+    assert row[0] == "conv 3x3"
+    assert row[1].flops == 2 * 2 * 8 * 4 * 9 * 16 * 16  # multiply-adds of every output value
+    assert row[1].bytes == 4 * (2 * 4 * 16 * 16 + 8 * 4 * 9 + 8 + 2 * 8 * 16 * 16)  # input, weight, bias, output
+    assert trace.seconds_eager == max(row[1].flops / 1e12, row[1].bytes / 1e11)
+
+    # A depthwise conv's two gradients cost twice its forward (torch's own formula counts C times too many).
+    dw = torch.nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=False).to("meta")
+    xin = torch.empty(2, 6, 16, 16, device="meta", requires_grad=True)
+    trace = roofline.count(lambda: dw(xin).sum().backward(), peak_flops=1e12, bandwidth=1e11)
+    forward = trace.by_op["conv depthwise"].flops
+    assert forward == 2 * 2 * 6 * 9 * 16 * 16 and trace.by_op["conv depthwise backward"].flops == 2 * forward
+
+    res = bench("roofline.py", "--tiny", "--infer-img-s", "100", "--train-img-s", "seed=10", "--json",
+                tmp_path / "r.json")
+    out = json.loads((tmp_path / "r.json").read_text())
+    for s in (out["inference"], out["inference_unfused"], *out["training"].values()):
+        f = s["floor_ms_per_image"]
+        assert 0 < f["compute"] <= f["fused"] <= f["eager"] and s["kernels_per_pass"] > 0
+    # Folding removes every BatchNorm kernel and its bytes, not the FLOPs.
+    names = {r["name"] for r in out["inference_unfused"]["by_op"]} - {r["name"] for r in out["inference"]["by_op"]}
+    assert any("batch_norm" in n for n in names)
+    assert out["inference"]["gb_per_image"] < out["inference_unfused"]["gb_per_image"]
+    assert out["inference"]["gflop_per_image"] == pytest.approx(out["inference_unfused"]["gflop_per_image"], rel=1e-3)
+    seed, default = out["training"]["seed"], out["training"]["default"]
+    assert seed["precision"] == "fp32" and default["batch"] == 4
+    assert seed["gflop_per_image"] == pytest.approx(default["gflop_per_image"])  # same model, per image
+    assert seed["gb_per_image"] > default["gb_per_image"]  # fp32 moves twice the activation bytes of bf16
+    assert "backward" in {r["name"] for r in seed["by_part"]} and seed["measured_img_s"] == 10
+    assert "measured 10.0 img/s" in res.stdout
+    bad = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "roofline.py"), "--tiny", "--train-img-s", "b32=9"],
+                         cwd=REPO_ROOT, env=cpu_env(), capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--train-img-s names ['b32'], not among the traced recipes" in bad.stderr
