@@ -5,9 +5,12 @@
     python bench/train_throughput.py --tiny [--shards SHARDS_DIR]     # CPU smoke: test encoder, 64 px, 3 steps
     python bench/train_throughput.py --variant b32=default,batch=32 --recipes seed,default,b32   # extra recipes
     python bench/train_throughput.py --sources synthetic --recipes default --profile-steps 5       # + kernel profile
+    python bench/train_throughput.py --variant pad=default,smp_padding=1,compile=0 \
+        --variant eager=default,compile=0 --recipes pad,eager       # smp's ZeroPad2d copies vs padding in the convs
 
 Recipes (same model: two U-Net++ stages with CBAM, trained jointly with the job's losses):
-  seed     fp32, eager, contiguous (NCHW), AdamW (foreach), batch 8
+  seed     fp32, eager, contiguous (NCHW), AdamW (foreach), batch 8, the encoder as smp builds it (a ZeroPad2d copy
+           before each padded conv; the project's models pad inside the stride-1 convs, the same function)
   default  the job's speed settings for a long run: precision auto (bf16 autocast on GPUs that have it),
            channels_last, fused AdamW (CUDA), torch.compile (CUDA), at batch 16 (the job's own default batch is the
            seed's 8: ``batch_size=16`` is a recipe change, see bench/recipe_quality.py)
@@ -33,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from job.train import AUTOCAST_DTYPE, StageLoss, batch_to_device, resolve_precision  # noqa: E402
 from restore.losses import Stage1Loss, Stage2Loss  # noqa: E402
-from restore.model import ModelSpec, build_model  # noqa: E402
+from restore.model import ModelSpec, build_model, unfold_same_padding  # noqa: E402
 from shards import pipeline  # noqa: E402
 from shards.damage import apply_damage, random_fill, random_mask, to_gray  # noqa: E402
 from report import emit, op_profile, print_op_profile  # noqa: E402  (bench/report.py, beside this script)
@@ -44,9 +47,9 @@ def recipes(device: torch.device, tiny: bool) -> dict[str, dict]:
     scale = 4 if tiny else 1  # tiny CPU mode keeps the 1:2 batch ratio at a quarter of the size
     return {
         "seed": dict(precision="fp32", channels_last=False, fused=False, compile=False, batch=8 // scale,
-                     compile_mode="default"),
+                     compile_mode="default", smp_padding=True),  # the model exactly as smp builds it
         "default": dict(precision=resolve_precision("auto", device), channels_last=True, fused=cuda, compile=cuda,
-                        batch=16 // scale, compile_mode="default"),
+                        batch=16 // scale, compile_mode="default", smp_padding=False),
     }
 
 
@@ -131,7 +134,10 @@ def sync(device: torch.device) -> None:
 
 def run_one(name: str, recipe: dict, source: str, args, device: torch.device, spec: ModelSpec) -> dict:
     torch.manual_seed(0)
-    model = build_model(spec).to(device)
+    model = build_model(spec)
+    if recipe["smp_padding"]:  # smp's ZeroPad2d copies back, as the H100 figures of 2026-11-25 ran
+        unfold_same_padding(model)
+    model = model.to(device)
     if recipe["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     fused = recipe["fused"]
@@ -201,7 +207,7 @@ def run_one(name: str, recipe: dict, source: str, args, device: torch.device, sp
     step_ms = dt / args.steps * 1e3
     return {"recipe": name, "source": source, "precision": precision, "batch": batch,
             "channels_last": recipe["channels_last"], "fused_adamw": fused,
-            "compile": recipe["compile"] and recipe["compile_mode"],
+            "compile": recipe["compile"] and recipe["compile_mode"], "smp_padding": recipe["smp_padding"],
             "img_per_s": batch * args.steps / dt, "step_ms": step_ms, "peak_mem_gib": peak,
             "gpu_util": util.mean, "warmup_s": warm_s,
             "warmup_overhead_s": max(0.0, warm_s - args.warmup * step_ms / 1e3), "loss": loss, "profile": profile}

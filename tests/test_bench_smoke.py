@@ -27,7 +27,8 @@ def test_train_throughput_tiny_reports_both_recipes_and_the_ratio(tiny_shards, t
         assert r["img_per_s"] > 0 and r["step_ms"] > 0 and r["loss"] == r["loss"]  # not NaN
     assert all(r["profile"] is None for r in out["rows"])  # no --profile-steps, no profile
     seed = next(r for r in out["rows"] if r["recipe"] == "seed")
-    assert (seed["precision"], seed["channels_last"], seed["compile"]) == ("fp32", False, False)
+    assert (seed["precision"], seed["channels_last"], seed["compile"], seed["smp_padding"]) == ("fp32", False, False,
+                                                                                                True)
     assert set(out["ratio"]) == {"synthetic", "shards"} and "ratio default/seed (shards):" in res.stdout
 
 
