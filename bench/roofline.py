@@ -48,6 +48,8 @@ from report import emit  # noqa: E402  (bench/report.py, beside this script)
 
 # Ops that run on the tensor cores; everything else is bound by memory at these models' sizes.
 MATMUL_OPS = {"aten.convolution", "aten.convolution_backward", "aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm"}
+_NO_KERNEL = {torch.ops.aten.detach, torch.ops.aten.empty, torch.ops.aten.empty_like, torch.ops.aten.empty_strided,
+              torch.ops.aten.new_empty, torch.ops.aten.new_empty_strided}
 ADAMW_BYTES_PER_PARAM = 28  # read param, grad, m, v (16 B) and write param, m, v (12 B), all fp32
 
 
@@ -120,8 +122,8 @@ class CostCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func.is_view or func._overloadpacket in (torch.ops.aten.detach,):
-            return out  # metadata only: no kernel, no bytes
+        if func.is_view or func._overloadpacket in _NO_KERNEL:
+            return out  # metadata or allocation only: no kernel, no bytes
         packet = func._overloadpacket
         name = str(packet)
         if packet is torch.ops.aten.convolution_backward:
