@@ -2,12 +2,13 @@
 
 In eval mode a BatchNorm is a per-channel affine map, so it can live in the preceding convolution's weight and bias
 (``torch.nn.utils.fusion.fuse_conv_bn_eval``). Eager inference then skips one kernel and one full read and write of
-the activation per conv: 234 BatchNorms move 21% of the bytes of an inference pass at 512 px (bench/roofline.py).
+the activation per conv: the 234 BatchNorms of the EfficientNet-B4 restorer move 21% of the bytes of an inference
+pass at 512 px (bench/roofline.py).
 The model that comes out can no longer be trained (its BatchNorms are gone); the Engine uses it, training never does.
 
-Which BatchNorm follows which conv is found by running the model once on a small probe and watching tensors: a pair
-is a conv whose output goes into a BatchNorm and nowhere else, each module called exactly once. The fused model is checked
-against the original on that probe; if they disagree the original is kept.
+Which BatchNorm follows which conv is found by running the model once on a small probe and watching tensors: a
+pair is a conv whose output goes into a BatchNorm and nowhere else, each module called exactly once. The fused model
+is checked against the original on that probe; if they disagree the original is kept.
 """
 from __future__ import annotations
 
