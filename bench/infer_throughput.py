@@ -177,6 +177,7 @@ def cpu_budget(split: Path, rgb_dir: Path, scratch: Path, target_img_s: float, m
 MODEL_VARIANTS = {
     "eager": {"cudnn_benchmark": False},
     "unfused": {"cudnn_benchmark": False, "fuse_bn": False},  # eager with the BatchNorms left as they were trained
+    "nchw": {"cudnn_benchmark": False, "channels_last": False},  # eager, contiguous NCHW (the CPU engine before)
     "benchmark": {},  # the engine's default: cuDNN's autotuner for recurring shapes, BatchNorms folded
     "compile": {"compile": "default"},
     "cudagraphs": {"compile": "reduce-overhead"},

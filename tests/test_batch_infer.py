@@ -277,7 +277,7 @@ def test_compiled_engine_pads_to_one_static_batch_and_matches_eager(ckpt):
     assert counters["stats"]["unique_graphs"] == 1  # one static shape: no recompilation for the short batches
 
 
-def test_engine_folds_batchnorms_and_restores_the_same_images(ckpt):
+def test_engine_folds_batchnorms_runs_channels_last_and_restores_the_same_images(ckpt):
     rng = np.random.default_rng(3)
     gray = rng.integers(0, 256, (3, 64, 64), dtype=np.uint8)
     mask = np.zeros((3, 64, 64), bool)
@@ -289,6 +289,11 @@ def test_engine_folds_batchnorms_and_restores_the_same_images(ckpt):
     assert plain.fuse_reports == []
     got, want = fused.restore(gray, mask), plain.restore(gray, mask)
     assert np.abs(got.astype(np.int16) - want).max() <= 1  # float rounding may move a value across a .5
+    # NHWC on the CPU too (oneDNN's fast layout): the same images up to rounding.
+    assert fused.channels_last and fused.models[0].inpainter.net.encoder.model.conv_stem.weight.is_contiguous(
+        memory_format=torch.channels_last)
+    nchw = batch_infer.Engine([ckpt], device="cpu", channels_last=False).restore(gray, mask)
+    assert np.abs(got.astype(np.int16) - nchw).max() <= 1
 
 
 def test_engine_rejects_bad_settings_and_tunes_cudnn_only_for_recurring_shapes(ckpt):

@@ -54,4 +54,4 @@ def test_infer_throughput_rejects_unknown_model_variants(repo_root):
     r = subprocess.run([sys.executable, str(repo_root / "bench" / "infer_throughput.py"), "--tiny",
                         "--model-variants", "eager,turbo"], cwd=repo_root, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
-    assert "--model-variants: unknown turbo; choose from eager, unfused, benchmark, compile, cudagraphs, autotune" in r.stderr
+    assert "--model-variants: unknown turbo; choose from eager, unfused, nchw, benchmark, compile, cudagraphs, autotune" in r.stderr
