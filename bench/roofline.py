@@ -47,7 +47,8 @@ from restore.model import ModelSpec, build_model, unfold_same_padding  # noqa: E
 from report import emit  # noqa: E402  (bench/report.py, beside this script)
 
 # Ops that run on the tensor cores; everything else is bound by memory at these models' sizes.
-MATMUL_OPS = {"aten.convolution", "aten.convolution_backward", "aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm"}
+MATMUL_OPS = {torch.ops.aten.convolution, torch.ops.aten.convolution_backward, torch.ops.aten.mm,
+              torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm}
 _NO_KERNEL = {torch.ops.aten.detach, torch.ops.aten.empty, torch.ops.aten.empty_like, torch.ops.aten.empty_strided,
               torch.ops.aten.new_empty, torch.ops.aten.new_empty_strided}
 ADAMW_BYTES_PER_PARAM = 28  # read param, grad, m, v (16 B) and write param, m, v (12 B), all fp32
@@ -62,7 +63,7 @@ class OpCost:
 
 @dataclass
 class Trace:
-    """Costs of one traced pass, by op name, by (module part, op kind) and in total."""
+    """Costs of one traced pass, by op kind, by module part and in total."""
 
     by_op: dict[str, OpCost] = field(default_factory=lambda: defaultdict(OpCost))
     by_part: dict[str, OpCost] = field(default_factory=lambda: defaultdict(OpCost))
@@ -125,7 +126,6 @@ class CostCounter(TorchDispatchMode):
         if func.is_view or func._overloadpacket in _NO_KERNEL:
             return out  # metadata or allocation only: no kernel, no bytes
         packet = func._overloadpacket
-        name = str(packet)
         if packet is torch.ops.aten.convolution_backward:
             flops = conv_backward_flops(*args)
         else:
@@ -141,7 +141,7 @@ class CostCounter(TorchDispatchMode):
         elif packet is torch.ops.aten.convolution_backward:
             kind = conv_kind(args[2], args[9]) + " backward"
         else:
-            kind = name
+            kind = str(packet)
         # The tracker's module stack is only reliable in the forward: backward ops are pooled.
         part = "backward" if self.tracker.is_bw else module_part(self.tracker.parents)
         seconds = max(flops / self.peak_flops, nbytes / self.bandwidth)
@@ -150,7 +150,7 @@ class CostCounter(TorchDispatchMode):
             cost.flops += flops
             cost.bytes += nbytes
         self.trace.seconds_eager += seconds
-        if name in MATMUL_OPS:
+        if packet in MATMUL_OPS:
             self.trace.seconds_fused += seconds
         return out
 
@@ -275,12 +275,17 @@ def print_summary(title: str, s: dict, measured: float | None, top: int) -> None
 
 
 def parse_rates(text: str | None) -> dict[str, float]:
+    """``seed=33.0,default=85.6`` -> {"seed": 33.0, "default": 85.6}; ValueError naming the bad item."""
     out: dict[str, float] = {}
     for item in filter(None, (text or "").split(",")):
-        name, eq, value = item.partition("=")
-        if not eq:
-            raise SystemExit(f"--train-img-s {text!r}: expected RECIPE=IMG_PER_S[,...], e.g. seed=33.0,default=85.6")
-        out[name] = float(value)
+        name, _, value = item.partition("=")
+        try:
+            rate = float(value)
+        except ValueError:
+            rate = 0.0
+        if not name or not rate > 0:
+            raise ValueError(f"{item!r}: expected RECIPE=IMG_PER_S with a rate > 0, e.g. seed=33.0,default=85.6")
+        out[name] = rate
     return out
 
 
@@ -320,8 +325,11 @@ def main(argv=None) -> int:
         precision, _, batch = rest.partition(":")
         if precision not in dtypes or not batch.isdigit() or int(batch) < 1:
             ap.error(f"--train-recipes {item!r}: expected NAME=bf16|fp32:BATCH")
-        recipes[name] = (dtypes[precision], int(batch))
-    measured_train = parse_rates(args.train_img_s)
+        recipes[name] = (precision, int(batch))
+    try:
+        measured_train = parse_rates(args.train_img_s)
+    except ValueError as e:
+        ap.error(f"--train-img-s {e}")
     unknown = sorted(set(measured_train) - set(recipes))
     if unknown:
         ap.error(f"--train-img-s names {unknown}, not among the traced recipes {sorted(recipes)}")
@@ -343,10 +351,10 @@ def main(argv=None) -> int:
                       args.top)
         result[key] = dict(infer, precision=args.infer_precision, batch=args.infer_batch, measured_img_s=measured)
     result["training"] = {}
-    for name, (dtype, batch) in recipes.items():
+    for name, (precision, batch) in recipes.items():
+        dtype = dtypes[precision]
         trace, params = training_trace(spec, args.size, batch, dtype, peaks, args.smp_padding)
         s = summarize(trace, batch, params * ADAMW_BYTES_PER_PARAM, peaks, dtype)
-        precision = "bf16" if dtype == torch.bfloat16 else "fp32"
         print_summary(f"training step '{name}', {precision}, batch {batch} ({params / 1e6:.1f} M parameters)", s,
                       measured_train.get(name), args.top)
         result["training"][name] = dict(s, precision=precision, batch=batch, params=params,

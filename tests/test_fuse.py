@@ -102,7 +102,8 @@ def test_a_fold_that_changes_the_outputs_is_refused(monkeypatch):
     model = _randomize_batchnorms(build_model(TINY)).eval()
     # A broken fold that drops the BatchNorm instead of folding it: the probe check must catch it.
     monkeypatch.setattr(fuse, "fuse_conv_bn_eval", lambda conv, bn: copy.deepcopy(conv))
-    kept, report = fuse_batchnorm(model, *restorer_probe())
+    with pytest.warns(UserWarning, match="BatchNorm folding changed the outputs"):
+        kept, report = fuse_batchnorm(model, *restorer_probe())
     assert kept is model and report.pairs == 0 and report.max_abs_diff > 1e-3
 
 
