@@ -91,6 +91,10 @@ class RunConfig:
     # torch.compile of both stages took ~290 s on an H100 and saved 64 ms per batch-16 step: it paid back after
     # ~4.5k steps (bench/RESULTS.md), so shorter runs stay eager under compile=auto.
     compile_min_steps: int = 5000
+    # Where torch.compile's artifacts are kept so a restarted process loads them instead of compiling again
+    # (restore.compile_cache): auto = RUN/compile_cache (a requeued job on another node), off, or a folder that
+    # several runs of the same model share (e.g. the folds of a K-fold sweep).
+    compile_cache: str = "auto"
     val_every: int = 0  # steps between validations; 0 = at the end of every epoch
     patience: int = 7  # early stop after this many validations without a better score; 0 = never
     ckpt_every: int = 0  # steps between checkpoints; 0 = at every validation
@@ -259,6 +263,9 @@ def validate(cfg: Config) -> None:
     need(r.precision in PRECISIONS, f"precision={r.precision!r}: must be one of {', '.join(PRECISIONS)}")
     need(r.compile in TRISTATE, f"compile={r.compile!r}: must be one of {', '.join(TRISTATE)}")
     need(r.compile_min_steps >= 0, f"compile_min_steps={r.compile_min_steps}: must be >= 0")
+    not_a_folder = ("true", "false", "on", "none", "no", "yes", "0", "1")  # a boolean meant, not a path
+    need(bool(r.compile_cache) and r.compile_cache.lower() not in not_a_folder,
+         f"compile_cache={r.compile_cache!r}: must be auto, off or a folder")
     need(r.val_every >= 0, f"val_every={r.val_every}: must be >= 0 (0 = every epoch)")
     need(r.patience >= 0, f"patience={r.patience}: must be >= 0 (0 = never stop early)")
     need(r.ckpt_every >= 0, f"ckpt_every={r.ckpt_every}: must be >= 0")

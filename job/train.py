@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from job import checkpoint as ckpt
 from job import dist
 from job.config import Config, ConfigError, parse_overrides
+from restore.compile_cache import CompileCache, counts as compile_counts
 from restore.losses import Stage1Loss, Stage2Loss
 from restore.model import CHECKPOINT_FORMAT, ModelSpec, build_model
 from restore.score import score_image, score_sums, summarize_sums
@@ -44,6 +45,7 @@ from shards.schema import atomic_write_bytes, atomic_write_json
 EXIT_OK, EXIT_BAD_INPUT, EXIT_PREEMPTED = 0, 2, 75
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 DONE, PREEMPTED, FOLDS, CONFIG, METRICS = "done.json", "preempted.json", "folds.json", "config.json", "metrics.jsonl"
+COMPILE_CACHE = "compile_cache"
 
 
 class InputError(Exception):
@@ -131,6 +133,11 @@ def resolve_compile(setting: str, device: torch.device, total_steps: int, min_st
     if setting == "auto":
         return device.type == "cuda" and total_steps >= min_steps
     return setting == "on"
+
+
+def compile_cache_dir(setting: str, run_dir: Path) -> Path | None:
+    """``compile_cache``: ``auto`` = RUN/compile_cache, ``off`` = none, anything else is a folder."""
+    return {"auto": run_dir / COMPILE_CACHE, "off": None}.get(setting, Path(setting))
 
 
 # BatchNorm statistics are not broadcast at every forward (validation syncs them from rank 0 instead, see
@@ -374,6 +381,9 @@ class Trainer:
         self.stop_signal: int | None = None
         self.phase: str | None = None
         self.step_fn = None
+        self.compiling = False  # the next step is the first of a compiled phase
+        cache_dir = compile_cache_dir(r.compile_cache, run_dir)
+        self.compile_cache = CompileCache.for_device(cache_dir, device) if self.compile and cache_dir else None
         torch.manual_seed(r.seed * 1000 + env.rank)  # per-rank stream for anything random in the step
 
         resume_step = None
@@ -452,6 +462,9 @@ class Trainer:
             if best:
                 ckpt.save_best(self.run_dir, state)
             self.log.print(f"checkpoint {path.name}" + (" (best)" if best else ""))
+            saved = self.compile_cache.save() if self.compile_cache is not None else None
+            if saved:  # graphs compiled after a phase's first step (a recompile) are kept too
+                self.log.print(saved)
         dist.barrier()
 
     # -- phases -----------------------------------------------------------------------------------------------
@@ -468,6 +481,7 @@ class Trainer:
                          bucket_cap_mb=self.cfg.run.ddp_bucket_mb, gradient_as_bucket_view=True,
                          **NO_FORWARD_BUFFER_SYNC)
         self.step_fn = torch.compile(module) if self.compile else module
+        self.compiling = self.compile
         self.live_params = [p for p in self.model.parameters() if p.requires_grad]
         self.phase = phase
         self.log.print(f"phase {phase}: steps {phase_at(self.phase_plan, self.step)[1]}.."
@@ -511,6 +525,9 @@ class Trainer:
         self.log.print(f"training {self.total_steps} steps ({self.steps_per_epoch}/epoch, {self.world} rank(s) x "
                        f"batch {self.cfg.data.batch_size}), {self.plan.num_train} train / {self.plan.num_val} val "
                        f"samples, precision {self.precision}, compile {self.compile}, device {self.device}")
+        if self.compile_cache is not None:
+            for line in self.compile_cache.load():  # every rank: each compiles for itself
+                self.log.print(line)
         reason = None
         acc: dict[str, torch.Tensor] = {}
         n_acc, t_log = 0, time.perf_counter()
@@ -522,7 +539,10 @@ class Trainer:
                 phase = phase_at(self.phase_plan, self.step)[0]
                 if phase != self.phase:
                     self.enter_phase(phase)
+                t_step = time.perf_counter()
                 terms = self.train_step(batch)
+                if self.compiling:
+                    self.after_compile(time.perf_counter() - t_step)
                 for k, v in terms.items():  # stays on the device: no host sync per step
                     acc[k] = acc[k] + v if k in acc else v.clone()
                 n_acc += 1
@@ -590,6 +610,17 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model)
         return terms
+
+    def after_compile(self, seconds: float) -> None:
+        """After a phase's first compiled step: log what compiling cost, keep new artifacts for a restart."""
+        self.compiling = False
+        c = compile_counts()
+        saved = self.compile_cache.save() if self.compile_cache is not None and self.env.is_main else None
+        self.log.record("compile", self.step, {"phase": self.phase, "first_step_s": seconds, **c})
+        self.log.print(f"compile: phase {self.phase}, first step {seconds:.1f} s; graphs {c['graph_misses']} compiled, "
+                       f"{c['graph_hits']} from cache (so far in this process)")
+        if saved:
+            self.log.print(saved)
 
     def log_train(self, acc: dict, n: int, seconds: float, epoch: int) -> None:
         if not self.env.is_main or not acc:

@@ -49,6 +49,8 @@ def test_overrides_parse_every_type():
     ("ema=1", "ema=1.0: must be in [0, 1)"),
     ("compile=yes", "compile='yes': must be one of auto, on, off"),
     ("compile_min_steps=-1", "compile_min_steps=-1: must be >= 0"),
+    ("compile_cache=false", "compile_cache='false': must be auto, off or a folder"),
+    ("compile_cache=", "compile_cache='': must be auto, off or a folder"),
 ])
 def test_bad_overrides_name_the_key(item, message):
     with pytest.raises(ConfigError) as err:
@@ -123,3 +125,13 @@ def test_compile_auto_pays_only_on_long_cuda_runs(setting, device, steps, expect
     from job.train import resolve_compile
 
     assert resolve_compile(setting, torch.device(device), steps, Config().run.compile_min_steps) is expected
+
+
+def test_compile_cache_setting_names_the_folder(tmp_path):
+    from job.train import compile_cache_dir
+
+    run = tmp_path / "run"
+    assert compile_cache_dir("auto", run) == run / "compile_cache"
+    assert compile_cache_dir("off", run) is None
+    assert compile_cache_dir(str(tmp_path / "shared"), run) == tmp_path / "shared"  # e.g. shared by K-fold runs
+    assert parse_overrides([f"compile_cache={tmp_path / 'shared'}"]).run.compile_cache == str(tmp_path / "shared")

@@ -6,6 +6,7 @@ Tiny everything: the timm test encoder, 16..8 decoder channels, 32-64 px crops, 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distributed import REPO_ROOT, cpu_env, run_distributed_test, start_torchrun, torchrun
+from distributed import FAST_CPU_COMPILE, REPO_ROOT, cpu_env, run_distributed_test, start_torchrun, torchrun
 
 TINY = ["encoder=tu-test_efficientnet", "decoder_channels=16,8,8,8,8", "batch_size=2", "warmup_steps=0",
         "log_every=1", "val_batch_size=2"]
@@ -274,3 +275,69 @@ def test_staged_phases_schedule_and_frozen_stage():
         assert fake is None and all(k.startswith("s1" if phase == "stage1" else "s2") for k in terms)
         assert all(p.grad is not None for p in getattr(model, trained).parameters())
         assert all(p.grad is None for p in getattr(model, untouched).parameters())
+
+
+# ---------------------------------------------------------------------------------------------- compile cache
+COMPILED_ARGS = ["encoder=tu-test_efficientnet", "decoder_channels=8,8,8", "cbam=false", "crop_size=32",
+                 "batch_size=2", "warmup_steps=0", "log_every=1", "val_batch_size=2", "num_workers=0",
+                 "max_steps=400", "steps_per_epoch=400", "val_every=1000", "compile=on",
+                 "stages=staged", "stage_split=0.9,0.05"]  # stage 1 alone first: half the graph to compile
+
+
+def _run_until_compiled(cmd: list[str], run: Path, log: Path, inductor_dir: Path, n_compiles: int) -> str:
+    """Start the job, SIGTERM it once its ``n_compiles``-th compile record is written, expect exit 75; the log."""
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                env=cpu_env({"TORCHINDUCTOR_CACHE_DIR": str(inductor_dir), **FAST_CPU_COMPILE}))
+    deadline = time.monotonic() + 400
+    try:
+        while not ((run / "metrics.jsonl").exists() and len(read_metrics(run, "compile")) >= n_compiles):
+            assert proc.poll() is None, f"run ended before the signal:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no compiled step:\n{log.read_text()[-3000:]}"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 75, log.read_text()[-3000:]
+    finally:
+        proc.kill()
+    return log.read_text()
+
+
+@pytest.mark.dist
+def test_requeued_compiled_run_loads_the_compile_cache_instead_of_compiling(shards2, tmp_path):
+    """A compiled run saves its artifacts in RUN/compile_cache; preempted and requeued onto a node whose inductor
+    cache lacks its graphs, it loads them: every graph comes from the file, none is compiled, nothing new is written,
+    and a broken file or another build's file beside it changes nothing but a warning."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "job.train", "--shards", str(shards2), "--out", str(run), *COMPILED_ARGS]
+    first = _run_until_compiled(cmd, run, tmp_path / "first.log", tmp_path / "inductor_node1", 1)
+    cache_dir = run / "compile_cache"
+    files = list(cache_dir.glob("torch-*-cpu-*.bin"))
+    assert len(files) == 1, first[-3000:]
+    assert f"compile cache: nothing in {cache_dir} for " in first
+    assert "compile cache: saved " in first and f"to {files[0]}" in first
+    [c1] = read_metrics(run, "compile")
+    assert c1["step"] == 0 and c1["phase"] == "stage1" and c1["graph_misses"] >= 2 and c1["graph_hits"] == 0
+    assert c1["first_step_s"] > 0
+    stopped = json.loads((run / "preempted.json").read_text())["step"]
+    assert 1 <= stopped < 360  # still in stage 1
+
+    # The next node's inductor cache has none of the graphs (those must come from the file) but does have the built
+    # C++ kernels: on a GPU the file carries the Triton kernels too; on a CPU they would only cost build time here.
+    node1, node2 = tmp_path / "inductor_node1", tmp_path / "inductor_node2"
+    graph_caches = {"fxgraph", "aotautograd"}
+    assert graph_caches <= {p.name for p in node1.iterdir()}, sorted(p.name for p in node1.iterdir())
+    shutil.copytree(node1, node2, ignore=lambda d, names: graph_caches & set(names) if Path(d) == node1 else [])
+    broken = files[0].with_name(files[0].name[:-len("0123456789ab.bin")] + "000000000000.bin")
+    broken.write_bytes(b"cut short")
+    other_build = cache_dir / "torch-0.0.0-cuda-sm90-000000000000.bin"
+    other_build.write_bytes(b"")
+    second = _run_until_compiled(cmd, run, tmp_path / "second.log", node2, 2)
+    assert f"resumed from {run / 'checkpoints'}" in second
+    assert f"warning: compile cache {broken} could not be loaded (" in second
+    assert "compile cache: loaded " in second and f"from {files[0]}" in second and str(other_build) not in second
+    c2 = read_metrics(run, "compile")[-1]
+    assert c2["step"] == stopped and c2["phase"] == "stage1", c2
+    assert c2["graph_misses"] == 0 and c2["graph_hits"] == c1["graph_misses"], c2
+    assert c2["autograd_misses"] == 0 and c2["autograd_hits"] == c1["autograd_misses"], c2
+    assert "compile cache: saved" not in second  # nothing new to keep, at the first step or the checkpoint
+    assert sorted(cache_dir.iterdir()) == sorted([files[0], broken, other_build])
