@@ -7,12 +7,12 @@ import sys
 
 import pytest
 
-from distributed import REPO_ROOT, cpu_env
+from distributed import FAST_CPU_COMPILE, REPO_ROOT, cpu_env
 
 
-def bench(script: str, *args) -> subprocess.CompletedProcess:
+def bench(script: str, *args, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     res = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / script), *map(str, args)], cwd=REPO_ROOT,
-                         env=cpu_env(), capture_output=True, text=True, timeout=300)
+                         env=cpu_env(env), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     return res
 
@@ -165,3 +165,23 @@ def test_roofline_counts_one_conv_exactly_and_orders_the_floors(tmp_path):
     bad = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "roofline.py"), "--tiny", "--train-img-s", "b32=9"],
                          cwd=REPO_ROOT, env=cpu_env(), capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--train-img-s names ['b32'], not among the traced recipes" in bad.stderr
+
+
+def test_compile_warmup_tiny_compares_cold_node_and_loaded_restarts(tmp_path):
+    res = bench("compile_warmup.py", "--tiny", "--json", tmp_path / "c.json", env=FAST_CPU_COMPILE)
+    out = json.loads((tmp_path / "c.json").read_text())
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == out
+    rows = {r["case"]: r for r in out["rows"]}
+    assert list(rows) == ["cold", "node", "loaded"]
+    cold, node, loaded = rows["cold"], rows["node"], rows["loaded"]
+    assert cold["graph_misses"] == 2 and cold["graph_hits"] == 0  # forward + backward, compiled
+    assert cold["saved"].startswith("compile cache: saved ") and out["artifact_mib"] > 0
+    # A restart on the same node hits inductor's local cache; on an empty node, the saved artifacts.
+    assert (node["graph_hits"], node["graph_misses"]) == (2, 0) and node["saved"] is None
+    assert (loaded["graph_hits"], loaded["graph_misses"]) == (2, 0) and loaded["autograd_hits"] == 1
+    assert len(loaded["loaded"]) == 1 and loaded["loaded"][0].startswith("compile cache: loaded 3 artifacts (")
+    assert cold["loaded"] == [] and node["loaded"] == []
+    for r in out["rows"]:
+        assert r["first_step_s"] > 0 and r["step_ms"] > 0 and r["process_s"] > r["first_step_s"]
+    assert set(out["ratio"]) == {"cold/node", "cold/loaded"} and all(v > 0 for v in out["ratio"].values())
+    assert "compile time (first step minus one step) cold/loaded:" in res.stdout
