@@ -74,9 +74,12 @@ class CompileCache:
     def save(self) -> str | None:
         """Write what this process compiled or used, if the folder lacks any of it (temp name, then rename).
 
-        Returns a line for the log, or None when there was nothing new to write.
+        Returns a line for the log (a warning when it could not be written), or None when there was nothing new.
         """
-        result = torch.compiler.save_cache_artifacts()
+        try:
+            result = torch.compiler.save_cache_artifacts()
+        except Exception as exc:  # noqa: BLE001 - a cache must not stop the run that fills it
+            return f"warning: compile artifacts could not be serialized ({type(exc).__name__}: {exc}); not saved"
         if result is None:  # nothing compiled, or torch's caches are off (TORCHINDUCTOR_FX_GRAPH_CACHE=0)
             return None
         data, info = result
@@ -86,8 +89,11 @@ class CompileCache:
             return None
         digest = hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:12]
         path = self.directory / f"{self.prefix}-{digest}.bin"
-        self.directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, data)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, data)
+        except OSError as exc:
+            return f"warning: compile cache {path} could not be written ({type(exc).__name__}: {exc}); not saved"
         covered = [p for p, k in self.files.items() if p != path and k <= keys]
         for old in covered:  # everything in it is in the new file
             old.unlink(missing_ok=True)

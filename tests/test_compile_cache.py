@@ -1,5 +1,6 @@
 """restore.compile_cache in a real process: a broken file is reported by name and skipped; what the process compiles
-is written once (temp name, then rename); graphs compiled later add a file that replaces the one it covers.
+is written once (temp name, then rename); graphs compiled later add a file that replaces the one it covers; a folder
+that cannot be written gives a warning line, not an exception.
 
 That another process with an empty inductor cache loads the file and compiles nothing is shown by the training job's
 requeue test (tests/test_train.py), on the job's own graphs.
@@ -28,6 +29,11 @@ for size in (16, 16, 24):
         step(torch.randn(2, 1, size, size))
     out["saves"].append(cache.save())
     out["files"] = out.get("files", []) + [sorted(p.name for p in cache.directory.iterdir())]
+cache.directory = cache.directory.parent / "not_a_folder"  # a file where the folder should be: cannot write
+cache.directory.write_text("")
+with torch.no_grad():
+    step(torch.randn(2, 1, 8, 8))
+out["unwritable"] = cache.save()
 out["counts"] = counts()
 print(json.dumps(out))
 """
@@ -52,6 +58,9 @@ def test_saves_once_grows_by_replacement_and_skips_a_broken_file(tmp_path):
     assert out["load"] == [f"warning: compile cache {broken} could not be loaded (ValueError: torch found no "
                            f"artifacts in it); its graphs will be compiled"]
     first, again, grown = out["saves"]
+    assert out["unwritable"].startswith(f"warning: compile cache {tmp_path / 'run' / 'not_a_folder'}/{prefix}-")
+    assert "could not be written (FileExistsError" in out["unwritable"], out["unwritable"]  # a warning, no exception
+    assert out["unwritable"].endswith("; not saved")
     files_first = [n for n in out["files"][0] if n not in (broken.name, other_build.name)]
     assert len(files_first) == 1 and files_first[0].startswith(prefix + "-") and files_first[0].endswith(".bin")
     assert first.startswith("compile cache: saved ") and first.endswith(f"to {cache_dir / files_first[0]}"), first
@@ -63,5 +72,5 @@ def test_saves_once_grows_by_replacement_and_skips_a_broken_file(tmp_path):
     assert n_grown > n_first and f"({n_grown - n_first} new," in grown
     left = out["files"][2]
     assert broken.name in left and other_build.name in left and files_first[0] not in left and len(left) == 3
-    assert out["counts"]["graph_misses"] == 2 and out["counts"]["graph_hits"] == 0  # one graph per size
+    assert out["counts"]["graph_misses"] == 3 and out["counts"]["graph_hits"] == 0  # one graph per size
     assert not [n for n in left if n.endswith(".tmp") or n.startswith(".")]  # no temp files left behind
