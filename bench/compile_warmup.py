@@ -5,8 +5,9 @@ inductor cache, and with the run's compile cache (``restore.compile_cache``) on 
     python bench/compile_warmup.py --tiny          # CPU smoke: a two-conv model at 16 px (the orchestration only)
 
 Each case is a child process, a fresh torch as after a requeue, that compiles the job's joint training step
-(``job.train.StageLoss``: both stages and their losses; bf16 autocast on GPUs that have it, channels_last, AdamW)
-and times its first step (compilation plus one step) and then ``--steps`` more:
+(``job.train.StageLoss``: both stages and their losses) with ``bench/train_throughput.py``'s default recipe (bf16
+autocast on GPUs that have it, channels_last, fused AdamW) on synthetic batches, and times its first step
+(compilation plus one step) and then ``--steps`` more:
   cold    an empty TORCHINDUCTOR_CACHE_DIR and no compile cache: a job's first start. Its artifacts are saved.
   node    the same inductor dir as ``cold``: a restart on the same node (what inductor's local cache gives).
   loaded  an empty inductor dir plus the artifacts ``cold`` saved: a restart on another node with
@@ -41,39 +42,40 @@ def child(args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cache = CompileCache.for_device(args.artifacts, device) if args.child in ("cold", "loaded") else None
     loaded = cache.load() if args.child == "loaded" else []
-    torch.manual_seed(0)
     if args.tiny:
-        model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.SiLU(),
-                                    torch.nn.Conv2d(4, 1, 3, padding=1))
-        batch = {"input": torch.rand(args.batch, 1, args.size, args.size),
-                 "gt_gray": torch.rand(args.batch, 1, args.size, args.size)}
-        dtype = None
-        step_fn = torch.compile(lambda b: (model(b["input"]) - b["gt_gray"]).abs().mean())
+        first_s, step_ms = _toy_steps(args, torch)
     else:
-        from job.train import AUTOCAST_DTYPE, StageLoss, batch_to_device, resolve_precision
-        from restore.losses import Stage1Loss, Stage2Loss
-        from restore.model import ModelSpec, build_model
-        from train_throughput import synthetic_batch
+        # The train bench's own default recipe (bf16 on GPUs that have it, channels_last, fused AdamW), compiled.
+        from restore.model import ModelSpec
+        from train_throughput import recipes, run_one
 
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+        recipe = {**recipes(device, tiny=False)["default"], "compile": True, "batch": args.batch}
         dec = tuple(int(x) for x in args.decoder_channels.split(","))
-        model = build_model(ModelSpec(encoder=args.encoder, decoder_channels=dec, encoder_depth=len(dec)))
-        model = model.to(device).to(memory_format=torch.channels_last)
-        compiled = torch.compile(StageLoss(model, Stage1Loss(), Stage2Loss(), "joint"))
-        batch = batch_to_device(synthetic_batch(args.batch, args.size), device, True)
-        dtype = AUTOCAST_DTYPE[resolve_precision("auto", device)]
-        step_fn = lambda b: compiled(b["input"], b["mask"], b["gt_gray"], b["gt"])[0]  # noqa: E731
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True if device.type == "cuda" else None)
+        spec = ModelSpec(encoder=args.encoder, decoder_channels=dec, encoder_depth=len(dec))
+        bench_args = argparse.Namespace(size=args.size, warmup=1, steps=args.steps, profile_steps=0)
+        row = run_one("default", recipe, "synthetic", bench_args, device, spec)
+        first_s, step_ms = row["warmup_s"], row["step_ms"]
+    saved = cache.save() if args.child == "cold" else None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})"
+    return {"case": args.child, "first_step_s": first_s, "step_ms": step_ms, **counts(), "loaded": loaded,
+            "saved": saved, "device": name, "torch": torch.__version__}
+
+
+def _toy_steps(args, torch) -> tuple[float, float]:
+    """``--tiny``: a two-conv model's compiled training step; (first step s, then ms per step)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.SiLU(),
+                                torch.nn.Conv2d(4, 1, 3, padding=1))
+    x, target = torch.rand(args.batch, 1, args.size, args.size), torch.rand(args.batch, 1, args.size, args.size)
+    step_fn = torch.compile(lambda: (model(x) - target).abs().mean())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            total = step_fn(batch)
-        total.backward()
+        step_fn().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
     t0 = time.perf_counter()
     step()
@@ -81,11 +83,7 @@ def child(args) -> dict:
     t0 = time.perf_counter()
     for _ in range(args.steps):
         step()
-    step_ms = (time.perf_counter() - t0) / max(1, args.steps) * 1e3
-    saved = cache.save() if args.child == "cold" else None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})"
-    return {"case": args.child, "first_step_s": first_s, "step_ms": step_ms, **counts(), "loaded": loaded,
-            "saved": saved, "device": name, "torch": torch.__version__}
+    return first_s, (time.perf_counter() - t0) / max(1, args.steps) * 1e3
 
 
 def run_case(case: str, inductor_dir: Path, artifacts: Path, argv: list[str]) -> dict:

@@ -462,7 +462,7 @@ class Trainer:
             if best:
                 ckpt.save_best(self.run_dir, state)
             self.log.print(f"checkpoint {path.name}" + (" (best)" if best else ""))
-            saved = self.compile_cache.save() if self.compile_cache is not None else None
+            saved = self.compile_cache.save(only_if_compiled=True) if self.compile_cache is not None else None
             if saved:  # graphs compiled after a phase's first step (a recompile) are kept too
                 self.log.print(saved)
         dist.barrier()
@@ -486,7 +486,8 @@ class Trainer:
         self.phase = phase
         self.log.print(f"phase {phase}: steps {phase_at(self.phase_plan, self.step)[1]}.."
                        f"{phase_at(self.phase_plan, self.step)[2]}, {sum(p.numel() for p in self.live_params):,} "
-                       f"trainable parameters")
+                       f"trainable parameters" + ("; torch.compile compiles its step on the first batch (minutes "
+                                                  "unless the compile cache has it)" if self.compile else ""))
 
     # -- loops ------------------------------------------------------------------------------------------------
     def train_loader(self, epoch: int, start: int, steps: int):

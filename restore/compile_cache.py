@@ -10,8 +10,8 @@ Files are named for the torch build and the device (``torch-2.14.1+cu130-cuda-sm
 mixed GPUs or a torch upgrade keeps files per combination instead of swapping ones that cannot hit. torch serializes
 only the artifacts a process used or made, not everything it loaded, so a process that compiles something new (a
 later training phase, another image size) writes a new file and removes the older ones it covers, rather than
-overwriting a file with a smaller set. A cache must never stop a run: a file that cannot be read or loaded is
-reported and compilation starts from scratch.
+overwriting a file with a smaller set. A cache must never stop a run: a file that cannot be read or loaded, or a
+folder that cannot be written, is reported in a warning line and the run goes on (compiling what it must).
 """
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ class CompileCache:
     directory: Path
     prefix: str
     files: dict[Path, frozenset[str]] = field(default_factory=dict)  # file -> artifact keys it holds
+    misses_at_save: int | None = None  # this process's compile count when save() last looked
 
     @classmethod
     def for_device(cls, directory: str | Path, device: torch.device) -> "CompileCache":
@@ -67,15 +68,21 @@ class CompileCache:
                              f"its graphs will be compiled")
                 continue
             self.files[path] = keys
-            lines.append(f"compile cache: loaded {len(self.files[path])} artifacts ({len(data) / 2**20:.1f} MiB) "
+            lines.append(f"compile cache: loaded {len(keys)} artifacts ({len(data) / 2**20:.1f} MiB) "
                          f"from {path}")
         return lines
 
-    def save(self) -> str | None:
+    def save(self, only_if_compiled: bool = False) -> str | None:
         """Write what this process compiled or used, if the folder lacks any of it (temp name, then rename).
 
-        Returns a line for the log (a warning when it could not be written), or None when there was nothing new.
+        ``only_if_compiled``: skip serializing everything (tens of MiB on a GPU) unless this process compiled a graph
+        since the last look, e.g. at every checkpoint. Returns a line for the log (a warning when it could not be
+        written), or None when there was nothing new.
         """
+        misses = sum(v for k, v in counts().items() if k.endswith("_misses"))
+        if only_if_compiled and misses == self.misses_at_save:
+            return None
+        self.misses_at_save = misses
         try:
             result = torch.compiler.save_cache_artifacts()
         except Exception as exc:  # noqa: BLE001 - a cache must not stop the run that fills it
