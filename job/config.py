@@ -14,6 +14,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
+from restore import compile_cache
+
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 STAGES = ("joint", "staged")
 COLOR_MODES = ("rgb", "chroma")
@@ -263,9 +265,8 @@ def validate(cfg: Config) -> None:
     need(r.precision in PRECISIONS, f"precision={r.precision!r}: must be one of {', '.join(PRECISIONS)}")
     need(r.compile in TRISTATE, f"compile={r.compile!r}: must be one of {', '.join(TRISTATE)}")
     need(r.compile_min_steps >= 0, f"compile_min_steps={r.compile_min_steps}: must be >= 0")
-    not_a_folder = ("true", "false", "on", "none", "no", "yes", "0", "1")  # a boolean meant, not a path
-    need(bool(r.compile_cache) and r.compile_cache.lower() not in not_a_folder,
-         f"compile_cache={r.compile_cache!r}: must be auto, off or a folder")
+    cache_error = compile_cache.setting_error(r.compile_cache)
+    need(cache_error is None, cache_error or "")
     need(r.val_every >= 0, f"val_every={r.val_every}: must be >= 0 (0 = every epoch)")
     need(r.patience >= 0, f"patience={r.patience}: must be >= 0 (0 = never stop early)")
     need(r.ckpt_every >= 0, f"ckpt_every={r.ckpt_every}: must be >= 0")

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from job import checkpoint as ckpt
 from job import dist
 from job.config import Config, ConfigError, parse_overrides
-from restore.compile_cache import CompileCache, counts as compile_counts
+from restore.compile_cache import CompileCache, counts as compile_counts, folder_for
 from restore.losses import Stage1Loss, Stage2Loss
 from restore.model import CHECKPOINT_FORMAT, ModelSpec, build_model
 from restore.score import score_image, score_sums, summarize_sums
@@ -137,7 +137,7 @@ def resolve_compile(setting: str, device: torch.device, total_steps: int, min_st
 
 def compile_cache_dir(setting: str, run_dir: Path) -> Path | None:
     """``compile_cache``: ``auto`` = RUN/compile_cache, ``off`` = none, anything else is a folder."""
-    return {"auto": run_dir / COMPILE_CACHE, "off": None}.get(setting, Path(setting))
+    return folder_for(setting, run_dir / COMPILE_CACHE)
 
 
 # BatchNorm statistics are not broadcast at every forward (validation syncs them from rank 0 instead, see

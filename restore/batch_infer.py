@@ -184,6 +184,18 @@ def resolve_checkpoints(given: Sequence[str] | None, runs_dir: Path) -> list[Pat
     return resolved
 
 
+def inference_cache_dir(setting: str, checkpoints: Sequence[Path]) -> Path | None:
+    """``--compile-cache``: ``auto`` = ``RUN/compile_cache/inference`` of the first checkpoint's run (beside the
+    training graphs, in a folder of its own so neither loads the other's), ``off`` = none, else the folder given."""
+    from restore.compile_cache import folder_for, setting_error
+
+    if setting_error(setting):
+        raise BadInput(f"--compile-cache {setting!r}: must be auto, off or a folder")
+    first = Path(checkpoints[0])
+    run_dir = first.parent.parent if first.parent.name == "checkpoints" else first.parent
+    return folder_for(setting, run_dir / "compile_cache" / "inference")
+
+
 def check_checkpoints(paths: Sequence[Path]) -> list[dict]:
     """Load each checkpoint once in the driver so a missing or mismatched one fails before any Ray work starts."""
     from restore.model import load_restorer
@@ -323,13 +335,16 @@ class Engine:
     ``batch_size`` splits larger inputs into model calls of at most that many images; with ``compile`` on it is the
     static batch every call is padded to. ``compile_backend`` is torch.compile's (tests use "aot_eager", which traces
     the same graphs without generating kernels). ``fuse_bn`` folds each BatchNorm into its conv (``restore.fuse``);
-    ``channels_last`` runs weights and activations NHWC, on the GPU and the CPU alike.
+    ``channels_last`` runs weights and activations NHWC, on the GPU and the CPU alike. ``compile_cache``: a folder
+    of ``restore.compile_cache`` files that a compiled engine loads before its first call and adds its graphs to
+    after a call that compiled, so an actor started on another node loads them instead of compiling; its log lines
+    collect in ``cache_log``.
     """
 
     def __init__(self, checkpoints: Sequence[str | os.PathLike], *, tta: bool = False, composite: bool = True,
                  device: str | None = None, batch_size: int | None = None, compile: str = "off",
                  cudnn_benchmark: bool = True, compile_backend: str = "inductor", fuse_bn: bool = True,
-                 channels_last: bool = True) -> None:
+                 channels_last: bool = True, compile_cache: str | os.PathLike | None = None) -> None:
         import torch
 
         from restore.fuse import fuse_batchnorm, restorer_probe
@@ -366,6 +381,13 @@ class Engine:
             self.models.append(model)
         self.forward_passes = 0  # images x models x flips, for the summary and the tests
         self.padded_images = 0  # images added to fill a compiled engine's static batch
+        self.cache_log: list[str] = []
+        self.compile_cache = None
+        if compile != "off" and compile_backend == "inductor" and compile_cache is not None:
+            from restore.compile_cache import CompileCache
+
+            self.compile_cache = CompileCache.for_device(compile_cache, self.device)
+            self.cache_log += self.compile_cache.load()
 
     def restore(self, gray: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """``gray`` uint8 [B,H,W], ``mask`` [B,H,W] (nonzero = hole) -> RGB uint8 [B,H,W,3]."""
@@ -379,7 +401,20 @@ class Engine:
                 m = np.concatenate([m, np.repeat(m[-1:], short, axis=0)])
                 self.padded_images += short
             parts.append(self._restore_batch(g, m)[: len(g) - short])
+            if self.compile_cache is not None:  # cheap unless this call compiled (a new size): then it is saved
+                line = self.compile_cache.save(only_if_compiled=True)
+                if line:
+                    self.cache_log.append(line)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)  # one call: no copy
+
+    def compile_counts(self) -> dict[str, int]:
+        """This process's compiled graphs so far: ``compiled`` (cache misses) and ``cached`` (loaded, not compiled)."""
+        if self.compile == "off":
+            return {"compiled": 0, "cached": 0}
+        from restore.compile_cache import counts
+
+        c = counts()
+        return {"compiled": c["graph_misses"], "cached": c["graph_hits"]}
 
     def _benchmark_this_call(self, shape: tuple[int, ...]) -> bool:
         """Whether cuDNN's autotuner runs for this call: from a shape's ``BENCHMARK_AFTER_CALLS``-th call on."""
@@ -425,15 +460,24 @@ class RestoreWorker:
     """One Ray actor: the engine loaded once; restores the ``todo`` rows of each batch, passes the others on."""
 
     def __init__(self, checkpoints: Sequence[str], tta: bool, composite: bool, keep_gt: bool,
-                 batch_size: int | None = None, compile: str = "off") -> None:
+                 batch_size: int | None = None, compile: str = "off", compile_cache: str | None = None) -> None:
         import torch
 
         if not torch.cuda.is_available():
             # Ray sets OMP_NUM_THREADS to the actor's num_cpus; make torch's intra-op pool follow it.
             torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-        self.engine = Engine(checkpoints, tta=tta, composite=composite, batch_size=batch_size, compile=compile)
+        self.engine = Engine(checkpoints, tta=tta, composite=composite, batch_size=batch_size, compile=compile,
+                             compile_cache=compile_cache)
         self.keep_gt = keep_gt
         self.name = f"{socket.gethostname()}:{os.getpid()}:{self.engine.device}"
+        self._cache_lines_shown = 0
+        self._show_cache_log()
+
+    def _show_cache_log(self) -> None:
+        """Print the engine's new compile-cache lines (Ray shows an actor's output in the driver's)."""
+        for line in self.engine.cache_log[self._cache_lines_shown:]:
+            print(f"{self.name}: {line}", flush=True)
+        self._cache_lines_shown = len(self.engine.cache_log)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["key"])
@@ -457,6 +501,10 @@ class RestoreWorker:
         result["rgb"] = out if len(todo) == n and len(by_shape) == 1 else _rgb_column(rgb, todo)
         result["worker"] = np.array([self.name if s == TODO else "" for s in batch["status"]], dtype=object)
         result["infer_s"] = infer_s
+        self._show_cache_log()
+        graphs = self.engine.compile_counts()  # so far in this actor; the driver keeps each worker's last
+        result["graphs_compiled"] = np.full(n, graphs["compiled"], np.int64)
+        result["graphs_cached"] = np.full(n, graphs["cached"], np.int64)
         if self.keep_gt:
             result["gt"], result["mask"] = batch["gt"], batch["mask"]
         return result
@@ -508,7 +556,7 @@ def write_outputs(batch: dict[str, np.ndarray], *, png_dir: str, score: bool, co
                 terms[t][i] = result[t]
             degenerate[i] = ",".join(result["degenerate"])
     out = {k: batch[k] for k in ("key", "where", "status", "error", "note", "height", "width", "worker",
-                                 "infer_s")}
+                                 "infer_s", "graphs_compiled", "graphs_cached")}
     out["encode_s"] = encode_s
     out["degenerate"] = degenerate
     out.update(terms)
@@ -631,6 +679,7 @@ def run(args: argparse.Namespace) -> dict:
         raise BadInput("--score needs --shards with gt members (a folder of images has no ground truth)")
     checkpoints = resolve_checkpoints(args.checkpoint, Path(args.runs_dir))
     specs = check_checkpoints(checkpoints)
+    cache_dir = inference_cache_dir(args.compile_cache, checkpoints) if args.compile != "off" else None
     for s in specs:
         print(f"checkpoint: {s['path']} ({s['weights']} weights, encoder {s['spec']['encoder']}, "
               f"color_mode {s['spec']['color_mode']})")
@@ -660,15 +709,17 @@ def run(args: argparse.Namespace) -> dict:
               f"composite {'on' if args.composite else 'off'}, compile {args.compile}, "
               f"{len(checkpoints)} checkpoint(s)")
         if args.compile != "off":
-            print(f"compile: each actor compiles the model on its first batch (minutes on a GPU) before its first "
-                  f"images arrive; then every call runs a static batch of {args.batch_size}")
+            print(f"compile: each actor compiles the model on its first batch (minutes on a GPU, unless the compile "
+                  f"cache has it) before its first images arrive; then every call runs a static batch of "
+                  f"{args.batch_size}; compile cache {cache_dir or 'off'}")
         ds = ray.data.from_items(plan.items, override_num_blocks=len(plan.items))
         ds = ds.flat_map(read_item, fn_kwargs={"with_gt": args.score})
         ds = ds.map_batches(
             RestoreWorker,
             fn_constructor_kwargs={"checkpoints": [str(c) for c in checkpoints], "tta": args.tta,
                                    "composite": args.composite, "keep_gt": args.score,
-                                   "batch_size": args.batch_size, "compile": args.compile},
+                                   "batch_size": args.batch_size, "compile": args.compile,
+                                   "compile_cache": str(cache_dir) if cache_dir else None},
             compute=ray.data.ActorPoolStrategy(size=workers),
             batch_size=args.batch_size, batch_format="numpy", num_gpus=gpus_per_worker, num_cpus=cpus_per_worker,
         )
@@ -733,10 +784,14 @@ def _finish(args: argparse.Namespace, plan: Plan, rows: list[dict], png_dir: Pat
     good = [k for k in plan.keys if by_key[k]["status"] != BAD]
     restored = [by_key[k] for k in good if by_key[k]["status"] == TODO]
 
-    per_worker: dict[str, dict] = defaultdict(lambda: {"images": 0, "busy_s": 0.0})
+    per_worker: dict[str, dict] = defaultdict(lambda: {"images": 0, "busy_s": 0.0, "graphs_compiled": 0,
+                                                       "graphs_cached": 0})
     for r in restored:
-        per_worker[r["worker"]]["images"] += 1
-        per_worker[r["worker"]]["busy_s"] += float(r["infer_s"])
+        w = per_worker[r["worker"]]
+        w["images"] += 1
+        w["busy_s"] += float(r["infer_s"])
+        for k in ("graphs_compiled", "graphs_cached"):  # each row holds the actor's count so far
+            w[k] = max(w[k], int(r[k]))
     summary: dict[str, Any] = {
         "images": len(plan.keys), "restored": len(restored), "already_done": len(good) - len(restored),
         "bad": len(bad), "seconds": round(elapsed, 3),
@@ -781,7 +836,9 @@ def _finish(args: argparse.Namespace, plan: Plan, rows: list[dict], png_dir: Pat
           f"{elapsed:.1f}s, {summary['img_per_s'] or 0:.2f} img/s end to end")
     for name, w in summary["workers"].items():
         print(f"  worker {name}: {w['images']} images, {w['busy_s']:.2f}s in the model, "
-              f"{w['img_per_s'] or 0:.2f} img/s")
+              f"{w['img_per_s'] or 0:.2f} img/s"
+              + (f"; graphs {w['graphs_compiled']} compiled, {w['graphs_cached']} from the compile cache"
+                 if args.compile != "off" else ""))
     return summary
 
 
@@ -812,6 +869,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the model in each actor (default off). Costs minutes of compilation per "
                         "actor at start-up, so it is for large sets; reduce-overhead adds CUDA graphs. Each actor "
                         "runs one static batch shape (the last batch is padded)")
+    p.add_argument("--compile-cache", default="auto",
+                   help="with --compile: a folder of compiled graphs each actor loads instead of compiling, and adds "
+                        "to when it compiles something new (default auto: RUN/compile_cache/inference of the first "
+                        "checkpoint's run; off: none). Across nodes it must be on a filesystem every node sees")
     p.add_argument("--png-compression", default="fast", choices=sorted(schema.PNG_COMPRESSION),
                    help="PNG writer (default fast: ~4 ms of CPU per 512x512 image; none: ~2 ms, 2.2x larger files; "
                         "small: libpng's adaptive filters, ~20x slower than fast, 7-15%% smaller)")

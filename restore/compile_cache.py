@@ -20,13 +20,28 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from shards.schema import atomic_write_bytes
 
+# torch is imported where it is used: job.config validates the setting below on a login node without it.
+NOT_A_FOLDER = ("true", "false", "on", "none", "no", "yes", "0", "1")  # a boolean meant, not a path
 
-def cache_prefix(device: torch.device) -> str:
-    """The file-name prefix for this torch build on ``device``'s kind of chip."""
+
+def setting_error(setting: str) -> str | None:
+    """Why a ``compile_cache`` setting (``auto``, ``off`` or a folder) is refused, or None when it is fine."""
+    if not setting or setting.lower() in NOT_A_FOLDER:
+        return f"compile_cache={setting!r}: must be auto, off or a folder"
+    return None
+
+
+def folder_for(setting: str, auto: Path) -> Path | None:
+    """The folder a valid ``compile_cache`` setting names: ``auto`` is ``auto``, ``off`` is None (no cache)."""
+    return {"auto": auto, "off": None}.get(setting, Path(setting))
+
+
+def cache_prefix(device) -> str:
+    """The file-name prefix for this torch build on ``device``'s (a ``torch.device``) kind of chip."""
+    import torch
+
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         chip = f"cuda-sm{major}{minor}"
@@ -45,7 +60,7 @@ class CompileCache:
     misses_at_save: int | None = None  # this process's compile count when save() last looked
 
     @classmethod
-    def for_device(cls, directory: str | Path, device: torch.device) -> "CompileCache":
+    def for_device(cls, directory: str | Path, device) -> "CompileCache":
         return cls(Path(directory), cache_prefix(device))
 
     def load(self) -> list[str]:
@@ -53,6 +68,8 @@ class CompileCache:
 
         Returns lines for the log.
         """
+        import torch
+
         paths = sorted(self.directory.glob(f"{self.prefix}-*.bin"))
         if not paths:
             return [f"compile cache: nothing in {self.directory} for {self.prefix} yet; compiling from scratch"]
@@ -79,6 +96,8 @@ class CompileCache:
         since the last look, e.g. at every checkpoint. Returns a line for the log (a warning when it could not be
         written), or None when there was nothing new.
         """
+        import torch
+
         misses = sum(v for k, v in counts().items() if k.endswith("_misses"))
         if only_if_compiled and misses == self.misses_at_save:
             return None

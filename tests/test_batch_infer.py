@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 import zipfile
@@ -27,6 +28,7 @@ from shards.damage import to_gray
 from shards.reader import iter_samples, read_manifest, shard_paths
 
 from conftest import run_cli
+from distributed import FAST_CPU_COMPILE
 
 pytestmark = pytest.mark.ray
 
@@ -35,11 +37,22 @@ TINY_SPEC = ModelSpec(encoder="tu-test_efficientnet", decoder_channels=(16, 8, 8
 
 
 @pytest.fixture(scope="module")
-def ray_address():
+def actors_inductor_dir(tmp_path_factory) -> Path:
+    """inductor's local cache for this module's actors: the compile-cache test empties it as another node's is."""
+    return tmp_path_factory.mktemp("actors_inductor")
+
+
+@pytest.fixture(scope="module")
+def ray_address(actors_inductor_dir):
     import ray
 
     # Two CPUs: one for the model actor, one left for the read and write tasks (fewer would hang the pipeline).
-    ctx = ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    # The actors inherit the environment of the Ray processes this starts (cheaper than a runtime_env per job).
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TORCHINDUCTOR_CACHE_DIR", str(actors_inductor_dir))
+        for name, value in FAST_CPU_COMPILE.items():
+            env.setenv(name, value)
+        ctx = ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ctx.address_info["gcs_address"]
     ray.shutdown()
 
@@ -338,7 +351,45 @@ def test_composite_matches_pil_luma_exactly_even_where_channels_clip():
     assert np.array_equal(same, rgb)
 
 
-@pytest.mark.parametrize("case", ["mismatched", "missing", "empty_dir", "no_runs", "png_dir_is_input"])
+def graph_counts(stdout: str) -> list[tuple[int, int]]:
+    """(compiled, from the cache) of each worker line in a compiled run's summary."""
+    return [(int(a), int(b)) for a, b in re.findall(r"graphs (\d+) compiled, (\d+) from the compile cache", stdout)]
+
+
+@pytest.mark.compile
+def test_compiled_actors_save_their_graphs_and_actors_on_another_node_load_them(
+        infer, ckpt, tiny_dacon_shards, actors_inductor_dir, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(ckpt, run / "checkpoints" / "best.pt")
+    split = tiny_dacon_shards / "test"
+    cache = run / "compile_cache" / "inference"  # --compile-cache auto: beside the training run's own cache
+
+    cold = infer("--shards", split, "--checkpoint", run, "--compile", "default", "--out", tmp_path / "cold.zip")
+    assert cold.returncode == 0, cold.stderr
+    assert f"compile cache {cache}" in cold.stdout
+    (compiled, cached), = graph_counts(cold.stdout)  # one actor
+    assert compiled >= 1 and cached == 0
+    saved = sorted(cache.iterdir())
+    assert len(saved) == 1 and saved[0].name.startswith(f"torch-{torch.__version__}-cpu-")
+
+    # New actors, as on another node: inductor's local graph caches are gone (its built C++ kernels stay: on a GPU
+    # the file carries the Triton kernels, on a CPU it cannot carry them).
+    for sub in ("fxgraph", "aotautograd"):
+        shutil.rmtree(actors_inductor_dir / sub, ignore_errors=True)
+    again = infer("--shards", split, "--checkpoint", run, "--compile", "default", "--out", tmp_path / "again.zip")
+    assert again.returncode == 0, again.stderr
+    assert graph_counts(again.stdout) == [(0, compiled)]
+    assert sorted(cache.iterdir()) == saved  # nothing new to add
+    keys = [k for shard in read_manifest(split)["shards"] for k in shard["keys"]]
+    assert len(keys) == 4
+    for key in keys:  # the loaded graphs compute what the compiled ones did
+        assert ((tmp_path / "again_png" / f"{key}.png").read_bytes()
+                == (tmp_path / "cold_png" / f"{key}.png").read_bytes()), key
+
+
+@pytest.mark.parametrize("case", ["mismatched", "missing", "empty_dir", "no_runs", "png_dir_is_input",
+                                  "compile_cache_bool"])
 def test_bad_checkpoint_or_source_exits_2_before_any_work(case, ckpt, tiny_dacon_shards, tmp_path, capsys):
     split = tiny_dacon_shards / "test"
     args = ["--shards", str(split), "--checkpoint", str(ckpt), "--out", str(tmp_path / "s.zip")]
@@ -356,6 +407,9 @@ def test_bad_checkpoint_or_source_exits_2_before_any_work(case, ckpt, tiny_dacon
     elif case == "no_runs":
         args = args[:2] + args[4:] + ["--runs-dir", str(tmp_path / "runs")]
         needle = "no --checkpoint given and no run with checkpoints"
+    elif case == "compile_cache_bool":  # a boolean meant, not a folder named "false"
+        args += ["--compile", "default", "--compile-cache", "false"]
+        needle = "--compile-cache 'false': must be auto, off or a folder"
     else:
         scans = tmp_path / "scans"
         scans.mkdir()
