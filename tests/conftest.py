@@ -69,6 +69,26 @@ def _photo_crops(n: int, side: int, seed: int = 0) -> list[tuple[str, np.ndarray
     return crops
 
 
+# Modules whose module fixtures are worth building once (a local Ray; a UMAP-curated split, ~25 s of numba JIT).
+ONE_WORKER_MODULES = {"test_batch_infer", "test_curate"}
+# Tests that start processes or compile run first: a worker queues its next tests ahead, and the run should end on
+# short ones that fill every worker, not on a long test queued behind another.
+LONG_MARKS = ("slurm", "dist", "ray", "compile")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Work units for ``pytest -n 2 --dist loadgroup`` (setup.cfg). Every test that uses the local SLURM cluster, a
+    machine-wide service that a module stops when it is done, runs on one worker so that none overlap; the modules of
+    ``ONE_WORKER_MODULES`` run whole on one worker; every other test is a unit of its own."""
+    items.sort(key=lambda item: not any(item.get_closest_marker(m) for m in LONG_MARKS))  # stable
+    for item in items:
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+        elif item.module.__name__ in ONE_WORKER_MODULES:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT

@@ -108,6 +108,7 @@ def test_train_throughput_refuses_bad_variants_and_recipes(capsys, monkeypatch):
         assert message in str(exit_info.value.code) + capsys.readouterr().err
 
 
+@pytest.mark.dist
 def test_recipe_quality_tiny_trains_both_recipes_with_the_real_job(tmp_path):
     res = bench("recipe_quality.py", "--tiny", "--lr", "1e-4", "--default-lr", "2e-4", "--json", tmp_path / "q.json")
     out = json.loads((tmp_path / "q.json").read_text())
@@ -167,6 +168,7 @@ def test_roofline_counts_one_conv_exactly_and_orders_the_floors(tmp_path):
     assert bad.returncode == 2 and "--train-img-s names ['b32'], not among the traced recipes" in bad.stderr
 
 
+@pytest.mark.compile
 def test_compile_warmup_tiny_compares_cold_node_and_loaded_restarts(tmp_path):
     res = bench("compile_warmup.py", "--tiny", "--json", tmp_path / "c.json", env=FAST_CPU_COMPILE)
     out = json.loads((tmp_path / "c.json").read_text())

@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from distributed import FAST_CPU_COMPILE, REPO_ROOT, cpu_env
@@ -39,6 +40,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.compile
 def test_saves_once_grows_by_replacement_and_skips_a_broken_file(tmp_path):
     cache_dir = tmp_path / "run" / "compile_cache"
     prefix = cache_prefix(torch.device("cpu"))

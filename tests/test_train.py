@@ -303,6 +303,7 @@ def _run_until_compiled(cmd: list[str], run: Path, log: Path, inductor_dir: Path
 
 
 @pytest.mark.dist
+@pytest.mark.compile
 def test_requeued_compiled_run_loads_the_compile_cache_instead_of_compiling(shards2, tmp_path):
     """A compiled run saves its artifacts in RUN/compile_cache; preempted and requeued onto a node whose inductor
     cache lacks its graphs, it loads them: every graph comes from the file, none is compiled, nothing new is written,
