@@ -679,7 +679,8 @@ def run(args: argparse.Namespace) -> dict:
         raise BadInput("--score needs --shards with gt members (a folder of images has no ground truth)")
     checkpoints = resolve_checkpoints(args.checkpoint, Path(args.runs_dir))
     specs = check_checkpoints(checkpoints)
-    cache_dir = inference_cache_dir(args.compile_cache, checkpoints) if args.compile != "off" else None
+    cache_dir = inference_cache_dir(args.compile_cache, checkpoints)  # checked even when unused: a typo is an error
+    cache_dir = cache_dir if args.compile != "off" else None
     for s in specs:
         print(f"checkpoint: {s['path']} ({s['weights']} weights, encoder {s['spec']['encoder']}, "
               f"color_mode {s['spec']['color_mode']})")

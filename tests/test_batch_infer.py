@@ -407,8 +407,8 @@ def test_bad_checkpoint_or_source_exits_2_before_any_work(case, ckpt, tiny_dacon
     elif case == "no_runs":
         args = args[:2] + args[4:] + ["--runs-dir", str(tmp_path / "runs")]
         needle = "no --checkpoint given and no run with checkpoints"
-    elif case == "compile_cache_bool":  # a boolean meant, not a folder named "false"
-        args += ["--compile", "default", "--compile-cache", "false"]
+    elif case == "compile_cache_bool":  # a boolean meant, not a folder named "false"; refused even without --compile
+        args += ["--compile-cache", "false"]
         needle = "--compile-cache 'false': must be auto, off or a folder"
     else:
         scans = tmp_path / "scans"
