@@ -245,7 +245,8 @@ def ray_worker(split: Path, checkpoint: Path, png_dir: Path, batch_size: int, tt
     wall = time.perf_counter() - start
     (worker,) = summary["workers"].values()
     return {"images": summary["restored"], "wall_s": round(wall, 3), "wall_img_s": summary["restored"] / wall,
-            "steady_img_s": summary["steady_img_per_s"], "model_busy_img_s": worker["img_per_s"]}
+            "steady_img_s": summary["steady_img_per_s"], "model_busy_img_s": worker["img_per_s"],
+            "actor_after_first_batch": worker["after_first_batch"]}
 
 
 def end_to_end(args: argparse.Namespace, split: Path, checkpoint: Path, tmp: Path) -> dict:
@@ -295,6 +296,10 @@ def print_end_to_end(result: dict, target_img_s: float) -> None:
         r = result[name]
         print(f"{name:<6} {r['wall_img_s']:>11.2f} {r['steady_img_s'] or float('nan'):>13.2f} "
               f"{r['model_img_s'] or float('nan'):>12.2f}")
+    split = result["ray"]["actor_after_first_batch"]
+    if split:  # what bounds the Ray path: the actor busy in the model, or waiting on the rest of the pipeline
+        print(f"ray actor after its first batch ({split['span_s']:.2f} s): model {split['model']:.1%}, rest of its "
+              f"calls {split['calls_other']:.1%}, outside its calls {split['outside_calls']:.1%}")
     print(f"ratio ray/plain: wall {result['ratio_wall']:.2f}x, steady {steady}; "
           f"{result['identical_pngs']}/{plain['images']} PNGs byte-identical; "
           f"plain profile s/img {plain['profile_s_per_img']}")

@@ -113,6 +113,10 @@ def test_restores_test_split_into_a_flat_verified_zip_and_resumes_without_redoin
     r = infer("--shards", split, "--checkpoint", ckpt, "--out", out)
     assert r.returncode == 0, r.stderr
     assert f"done: {len(keys)} restored, 0 already done, 0 bad" in r.stdout
+    # the actor's time after its first batch, split three ways (one actor, batches of 2: several batches)
+    (split_line,) = re.findall(r"after its first batch \(([\d.]+) s\): in the model (\d+)%, in the rest of its "
+                               r"calls (\d+)%, outside its calls (\d+)%", r.stdout)
+    assert float(split_line[0]) > 0 and 99 <= sum(map(int, split_line[1:])) <= 101
 
     images = _zip_images(out)
     assert sorted(images) == sorted(f"{k}.png" for k in keys)  # flat, exactly the manifest's names
@@ -504,3 +508,27 @@ def test_actor_hands_the_engines_array_on_when_every_row_was_restored(ckpt):
     assert (partly["rgb"][1] == 0).all()  # the finished row holds no image
     assert np.array_equal(partly["rgb"][[0, 2]], returned[-1])
     assert np.array_equal(partly["rgb"][0], all_todo["rgb"][0])
+    # every row carries the actor's clock and its model and call seconds so far, cumulative
+    marks = [tuple(float(r[k][0]) for k in batch_infer.ACTOR_TIME_COLUMNS) for r in (all_todo, partly)]
+    for clock, model, calls in marks:
+        assert 0 < model <= calls <= clock
+    assert all(a < b for a, b in zip(*marks))
+    assert all(len(set(r[k])) == 1 for r in (all_todo, partly) for k in batch_infer.ACTOR_TIME_COLUMNS)
+
+
+def test_actor_time_split_covers_the_span_after_the_first_batch():
+    # (clock, model, calls) at the end of each batch; the first batch (compilation, say) is left out
+    marks = [(30.0, 29.0, 29.5), (32.0, 30.5, 31.1), (34.0, 32.0, 32.7), (32.0, 30.5, 31.1)]  # a batch's rows repeat
+    split = batch_infer.actor_time_split(marks)
+    assert split == {"span_s": 4.0, "model": 0.75, "calls_other": 0.05, "outside_calls": 0.2}
+    assert batch_infer.actor_time_split(marks[:1]) is None  # one batch: nothing after it
+    assert batch_infer.actor_time_split([]) is None
+
+
+def test_actor_passes_rays_dense_columns_to_the_engine_without_stacking():
+    dense = np.zeros((3, 8, 8), np.uint8)
+    assert batch_infer._stacked(dense, [0, 1, 2]) is dense
+    part = batch_infer._stacked(dense, [0, 2])
+    assert part is not dense and part.shape == (2, 8, 8)
+    ragged = batch_infer._object_array([np.ones((8, 8), np.uint8), np.ones((4, 4), np.uint8)])
+    assert batch_infer._stacked(ragged, [0]).shape == (1, 8, 8)

@@ -25,6 +25,10 @@ def test_infer_throughput_tiny_runs_both_paths_and_prints_the_ratio(repo_root, t
         assert result[path]["wall_img_s"] > 0
     assert set(result["plain"]["profile_s_per_img"]) == {"read_decode", "model", "encode_write"}
     assert 0 <= result["identical_pngs"] <= 8
+    split = result["ray"]["actor_after_first_batch"]  # 8 images in batches of 4: two batches
+    assert split["span_s"] > 0
+    assert split["model"] + split["calls_other"] + split["outside_calls"] == pytest.approx(1, abs=1e-3)
+    assert "ray actor after its first batch (" in r.stdout
     assert result["ratio_wall"] == pytest.approx(result["ray"]["wall_img_s"] / result["plain"]["wall_img_s"])
     budget = result["cpu_budget"]
     assert budget["read_cpu_s"] > 0 and budget["target_img_s"] == 500
