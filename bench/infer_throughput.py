@@ -11,7 +11,9 @@ of ``KEY.png``:
 - plain:  one process, ``shards.reader.iter_samples`` -> batches -> ``Engine.restore`` -> ``encode_png`` -> write,
           one stage after the other (what a user would write); the seconds of each stage are printed as a profile.
 - ray:    ``python -m restore.batch_infer --workers 1 --no-zip`` in-process on a local Ray: read tasks, one model
-          actor, PNG-writer tasks, all overlapping.
+          actor, PNG-writer tasks, all overlapping. ``--ray-actors 1,2`` runs it again with two actors sharing the
+          GPU (``--gpus-per-worker 0.5``), so that one actor's host work overlaps the other's GPU work; each actor's
+          time after its first batch is split into the model, the rest of its calls and outside its calls (waiting).
 
 Then the CPU side alone, in CPU seconds of one core per image (robust to a busy machine): the read stage
 (``batch_infer.read_item``: tar, input and mask decode, no gt), Ray building a block from those rows (the read
@@ -234,40 +236,58 @@ def profile_engine(checkpoint: Path, gray: np.ndarray, mask: np.ndarray, calls: 
 
 
 def ray_worker(split: Path, checkpoint: Path, png_dir: Path, batch_size: int, tta: bool,
-               cpus_per_worker: float | None) -> dict:
+               cpus_per_worker: float | None, actors: int = 1) -> dict:
+    """``batch_infer.run`` with ``actors`` model actors sharing this machine's one GPU (``--gpus-per-worker 1/k``:
+    one actor's host work overlaps another's GPU work), or on a CPU-only machine its CPUs less one."""
+    import ray
+
     argv = ["--shards", str(split), "--checkpoint", str(checkpoint), "--no-zip", "--png-dir", str(png_dir),
-            "--workers", "1", "--batch-size", str(batch_size)] + (["--tta"] if tta else [])
+            "--workers", str(actors), "--batch-size", str(batch_size)] + (["--tta"] if tta else [])
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if gpus >= 1 and actors > 1:
+        argv += ["--gpus-per-worker", f"{1 / actors:.6g}"]
     if cpus_per_worker:
         argv += ["--cpus-per-worker", str(cpus_per_worker)]
+    elif gpus < 1 and actors > 1:  # CPU actors: the CPUs but one (for reading and writing), split between them
+        argv += ["--cpus-per-worker", f"{(ray.cluster_resources()['CPU'] - 1) / actors:.6g}"]
     args = batch_infer.build_parser().parse_args(argv)
     start = time.perf_counter()
     summary = batch_infer.run(args)
     wall = time.perf_counter() - start
-    (worker,) = summary["workers"].values()
-    return {"images": summary["restored"], "wall_s": round(wall, 3), "wall_img_s": summary["restored"] / wall,
-            "steady_img_s": summary["steady_img_per_s"], "model_busy_img_s": worker["img_per_s"],
-            "actor_after_first_batch": worker["after_first_batch"]}
+    workers = list(summary["workers"].values())
+    return {"actors": actors, "images": summary["restored"], "wall_s": round(wall, 3),
+            "wall_img_s": summary["restored"] / wall, "steady_img_s": summary["steady_img_per_s"],
+            # one actor: its rate while in the model; several share a device, so their busy times overlap
+            "model_busy_img_s": workers[0]["img_per_s"] if actors == 1 else None,
+            "actor_after_first_batch": [w["after_first_batch"] for w in workers]}
 
 
 def end_to_end(args: argparse.Namespace, split: Path, checkpoint: Path, tmp: Path) -> dict:
-    """The plain loop and one Ray worker over the whole split, then the CPU budget."""
+    """The plain loop and the Ray path (once per ``--ray-actors`` count) over the whole split, then the CPU budget."""
     import ray
 
     plain = plain_loop(split, checkpoint, tmp / "plain", args.batch_size, args.tta)
     print(f"plain: {plain}", flush=True)
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
+    runs = []
     try:
-        distributed = ray_worker(split, checkpoint, tmp / "ray", args.batch_size, args.tta, args.cpus_per_worker)
+        for actors in args.ray_actors:
+            runs.append(ray_worker(split, checkpoint, tmp / f"ray{actors}", args.batch_size, args.tta,
+                                   args.cpus_per_worker, actors))
+            print(f"ray x{actors}: {runs[-1]}", flush=True)
         # Inside the Ray session: Ray's block code needs it up.
         budget = cpu_budget(split, tmp / "plain", tmp / "budget", args.target_img_s, args.budget_images)
     finally:
         ray.shutdown()
-    print(f"ray: {distributed}", flush=True)
-    same = sum((tmp / "plain" / p.name).read_bytes() == p.read_bytes() for p in (tmp / "ray").glob("*.png"))
+    for run in runs:
+        run["identical_pngs"] = sum((tmp / "plain" / p.name).read_bytes() == p.read_bytes()
+                                    for p in (tmp / f"ray{run['actors']}").glob("*.png"))
+        run["model_img_s"] = run["model_busy_img_s"]
     plain["model_img_s"] = 1.0 / plain["profile_s_per_img"]["model"] if plain["profile_s_per_img"]["model"] else None
-    distributed["model_img_s"] = distributed["model_busy_img_s"]
+    distributed = runs[0]
     return {
-        "images": plain["images"], "plain": plain, "ray": distributed, "identical_pngs": same, "cpu_budget": budget,
+        "images": plain["images"], "plain": plain, "ray": distributed, "ray_runs": runs,
+        "identical_pngs": distributed["identical_pngs"], "cpu_budget": budget,
         "ratio_wall": distributed["wall_img_s"] / plain["wall_img_s"],
         "ratio_steady": (distributed["steady_img_s"] / plain["steady_img_s"]
                          if distributed["steady_img_s"] and plain["steady_img_s"] else None),
@@ -291,15 +311,16 @@ def print_model(result: dict) -> None:
 def print_end_to_end(result: dict, target_img_s: float) -> None:
     plain, budget = result["plain"], result["cpu_budget"]
     steady = f"{result['ratio_steady']:.2f}x" if result["ratio_steady"] else "n/a"
-    print(f"\n{'path':<6} {'wall img/s':>11} {'steady img/s':>13} {'model img/s':>12}")
-    for name in ("plain", "ray"):
-        r = result[name]
-        print(f"{name:<6} {r['wall_img_s']:>11.2f} {r['steady_img_s'] or float('nan'):>13.2f} "
+    print(f"\n{'path':<8} {'wall img/s':>11} {'steady img/s':>13} {'model img/s':>12}")
+    for name, r in [("plain", plain)] + [(f"ray x{r['actors']}", r) for r in result["ray_runs"]]:
+        print(f"{name:<8} {r['wall_img_s']:>11.2f} {r['steady_img_s'] or float('nan'):>13.2f} "
               f"{r['model_img_s'] or float('nan'):>12.2f}")
-    split = result["ray"]["actor_after_first_batch"]
-    if split:  # what bounds the Ray path: the actor busy in the model, or waiting on the rest of the pipeline
-        print(f"ray actor after its first batch ({split['span_s']:.2f} s): model {split['model']:.1%}, rest of its "
-              f"calls {split['calls_other']:.1%}, outside its calls {split['outside_calls']:.1%}")
+    for r in result["ray_runs"]:  # what bounds the Ray path: each actor busy in the model, or waiting on the rest
+        for split in r["actor_after_first_batch"]:
+            if split:
+                print(f"ray x{r['actors']} actor after its first batch ({split['span_s']:.2f} s): model "
+                      f"{split['model']:.1%}, rest of its calls {split['calls_other']:.1%}, outside its calls "
+                      f"{split['outside_calls']:.1%}")
     print(f"ratio ray/plain: wall {result['ratio_wall']:.2f}x, steady {steady}; "
           f"{result['identical_pngs']}/{plain['images']} PNGs byte-identical; "
           f"plain profile s/img {plain['profile_s_per_img']}")
@@ -326,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", type=Path, help="an existing split dir instead of generated photos")
     p.add_argument("--checkpoint", type=Path, help="a real checkpoint instead of a random one")
     p.add_argument("--cpus-per-worker", type=float, help="passed to batch_infer (default: its own)")
+    p.add_argument("--ray-actors", default="1",
+                   help="model actors of the Ray path, comma-separated counts run one after the other (e.g. 1,2: "
+                        "two actors sharing the GPU, so one's host work overlaps the other's GPU work)")
     p.add_argument("--tta", action="store_true")
     p.add_argument("--budget-images", type=int, default=64, help="images the CPU budget's write stage is timed on")
     p.add_argument("--target-img-s", type=float, default=500.0, help="GPU rate for the CPU-cores estimate")
@@ -344,6 +368,12 @@ def main(argv: list[str] | None = None) -> int:
         args.n, args.size, args.batch_size = 8, 64, 4
         args.encoder, args.decoder_channels, args.cbam = "tu-test_efficientnet", "16,8,8,8,8", False
         args.model_seconds = min(args.model_seconds, 1.0)
+    try:
+        args.ray_actors = [int(k) for k in args.ray_actors.split(",") if k]
+    except ValueError:
+        args.ray_actors = []
+    if not args.ray_actors or min(args.ray_actors) < 1:
+        p.error("--ray-actors: expected counts >= 1 separated by commas, e.g. 1,2")
     variants = [v for v in args.model_variants.split(",") if v]
     unknown = [v for v in variants if v not in MODEL_VARIANTS]
     if unknown or not variants:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -14,7 +15,8 @@ def test_infer_throughput_tiny_runs_both_paths_and_prints_the_ratio(repo_root, t
     out = tmp_path / "bench.json"
     # aot_eager: the compiled variant traces the real graph without inductor's minute of kernel generation on CPU.
     r = subprocess.run([sys.executable, str(repo_root / "bench" / "infer_throughput.py"), "--tiny", "--json", str(out),
-                        "--model-variants", "eager,unfused,benchmark,compile", "--compile-backend", "aot_eager", "--profile"],
+                        "--model-variants", "eager,unfused,benchmark,compile", "--compile-backend", "aot_eager", "--profile",
+                        "--ray-actors", "1,2"],
                        cwd=repo_root, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ratio ray/plain: wall " in r.stdout
@@ -25,10 +27,17 @@ def test_infer_throughput_tiny_runs_both_paths_and_prints_the_ratio(repo_root, t
         assert result[path]["wall_img_s"] > 0
     assert set(result["plain"]["profile_s_per_img"]) == {"read_decode", "model", "encode_write"}
     assert 0 <= result["identical_pngs"] <= 8
-    split = result["ray"]["actor_after_first_batch"]  # 8 images in batches of 4: two batches
+    (split,) = result["ray"]["actor_after_first_batch"]  # one actor; 8 images in batches of 4: two batches
     assert split["span_s"] > 0
     assert split["model"] + split["calls_other"] + split["outside_calls"] == pytest.approx(1, abs=1e-3)
-    assert "ray actor after its first batch (" in r.stdout
+    assert "ray x1 actor after its first batch (" in r.stdout
+    # --ray-actors 1,2: the Ray path again with two actors, all images restored once, the same bytes as with one
+    one, two = result["ray_runs"]
+    assert (one["actors"], two["actors"]) == (1, 2) and one == result["ray"]
+    # (with two batches, Ray may hand both to one actor: the list holds the actors that restored images)
+    assert two["images"] == 8 and two["model_busy_img_s"] is None and 1 <= len(two["actor_after_first_batch"]) <= 2
+    assert two["identical_pngs"] == one["identical_pngs"]
+    assert re.search(r"^ray x2 +[\d.]+ +[\d.]+ +nan$", r.stdout, re.M)
     assert result["ratio_wall"] == pytest.approx(result["ray"]["wall_img_s"] / result["plain"]["wall_img_s"])
     budget = result["cpu_budget"]
     assert budget["read_cpu_s"] > 0 and budget["target_img_s"] == 500
@@ -52,6 +61,13 @@ def test_infer_throughput_tiny_runs_both_paths_and_prints_the_ratio(repo_root, t
     assert prof["device_time"] == "cpu" and prof["ms_per_unit"] > 0 and prof["kernels_per_unit"] is None
     assert 0 < sum(row["share"] for row in prof["top"]) <= 1 + 1e-9
     assert any("conv" in row["op"] for row in prof["top"][:3])  # a U-Net's time is in its convolutions
+
+
+def test_infer_throughput_rejects_a_bad_actor_count(repo_root):
+    r = subprocess.run([sys.executable, str(repo_root / "bench" / "infer_throughput.py"), "--tiny",
+                        "--ray-actors", "1,0"], cwd=repo_root, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "--ray-actors: expected counts >= 1 separated by commas, e.g. 1,2" in r.stderr
 
 
 def test_infer_throughput_rejects_unknown_model_variants(repo_root):
