@@ -525,6 +525,24 @@ def test_actor_time_split_covers_the_span_after_the_first_batch():
     assert batch_infer.actor_time_split([]) is None
 
 
+def test_engine_reads_rays_read_only_columns_quietly_and_leaves_them_as_they_were(ckpt):
+    engine = batch_infer.Engine([ckpt], tta=False)
+    rng = np.random.default_rng(3)
+    gray = rng.integers(0, 256, (2, 32, 32), dtype=np.uint8)
+    mask = np.zeros((2, 32, 32), np.uint8)
+    mask[:, 5:15, 10:20] = 1
+    expected = engine.restore(gray.copy(), mask.copy())
+    gray.flags.writeable = mask.flags.writeable = False  # what Ray 2.x hands an actor (zero-copy batches)
+    before = gray.copy(), mask.copy()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "not writable" UserWarning would fail here
+        got = engine.restore(gray, mask)
+    assert np.array_equal(got, expected)
+    assert np.array_equal(gray, before[0]) and np.array_equal(mask, before[1])
+
+
 def test_actor_passes_rays_dense_columns_to_the_engine_without_stacking():
     dense = np.zeros((3, 8, 8), np.uint8)
     assert batch_infer._stacked(dense, [0, 1, 2]) is dense
