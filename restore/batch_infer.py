@@ -770,10 +770,11 @@ def run(args: argparse.Namespace) -> dict:
                                    "compile_cache": str(cache_dir) if cache_dir else None},
             compute=ray.data.ActorPoolStrategy(size=workers),
             batch_size=args.batch_size, batch_format="numpy", num_gpus=gpus_per_worker, num_cpus=cpus_per_worker,
+            zero_copy_batch=True,  # read-only views: neither stage writes its input (older Rays copy by default)
         )
         ds = ds.map_batches(write_outputs, fn_kwargs={"png_dir": str(png_dir.resolve()), "score": args.score,
                                                       "compression": args.png_compression},
-                            batch_size=args.batch_size, batch_format="numpy")
+                            batch_size=args.batch_size, batch_format="numpy", zero_copy_batch=True)
         rows, arrivals = _consume(ds, len(plan.keys), skip_bad=args.skip_bad)
     finally:
         if own_ray:
