@@ -190,8 +190,9 @@ def inference_cache_dir(setting: str, checkpoints: Sequence[Path]) -> Path | Non
     training graphs, in a folder of its own so neither loads the other's), ``off`` = none, else the folder given."""
     from restore.compile_cache import folder_for, setting_error
 
-    if setting_error(setting):
-        raise BadInput(f"--compile-cache {setting!r}: must be auto, off or a folder")
+    error = setting_error(setting, option="--compile-cache ")
+    if error:
+        raise BadInput(error)
     first = Path(checkpoints[0])
     run_dir = first.parent.parent if first.parent.name == "checkpoints" else first.parent
     return folder_for(setting, run_dir / "compile_cache" / "inference")
@@ -539,6 +540,8 @@ def _stacked(column: np.ndarray, idx: list[int]) -> np.ndarray:
 
 
 ACTOR_TIME_COLUMNS = ("actor_clock_s", "actor_model_s", "actor_calls_s")
+# What every row carries from its actor, so far (cumulative): the writers pass them on to the driver's worker lines.
+ACTOR_COLUMNS = ("graphs_compiled", "graphs_cached", *ACTOR_TIME_COLUMNS)
 
 
 def actor_time_split(marks: Sequence[tuple[float, float, float]]) -> dict | None:
@@ -603,7 +606,7 @@ def write_outputs(batch: dict[str, np.ndarray], *, png_dir: str, score: bool, co
                 terms[t][i] = result[t]
             degenerate[i] = ",".join(result["degenerate"])
     out = {k: batch[k] for k in ("key", "where", "status", "error", "note", "height", "width", "worker",
-                                 "infer_s", "graphs_compiled", "graphs_cached", *ACTOR_TIME_COLUMNS)}
+                                 "infer_s", *ACTOR_COLUMNS)}
     out["encode_s"] = encode_s
     out["degenerate"] = degenerate
     out.update(terms)

@@ -26,10 +26,11 @@ from shards.schema import atomic_write_bytes
 NOT_A_FOLDER = ("true", "false", "on", "none", "no", "yes", "0", "1")  # a boolean meant, not a path
 
 
-def setting_error(setting: str) -> str | None:
-    """Why a ``compile_cache`` setting (``auto``, ``off`` or a folder) is refused, or None when it is fine."""
+def setting_error(setting: str, option: str = "compile_cache=") -> str | None:
+    """Why a compile-cache setting (``auto``, ``off`` or a folder) is refused, or None when it is fine. ``option``
+    names it as the user wrote it: ``compile_cache=`` (the job's config), ``--compile-cache `` (batch inference)."""
     if not setting or setting.lower() in NOT_A_FOLDER:
-        return f"compile_cache={setting!r}: must be auto, off or a folder"
+        return f"{option}{setting!r}: must be auto, off or a folder"
     return None
 
 
