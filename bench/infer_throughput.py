@@ -23,11 +23,13 @@ bounds the end-to-end rate once the GPU is fast enough; and the model actor's co
 Ray (one object per image vs the dense array it returns).
 
 Reported per path: wall img/s (ray: including the actor's start-up, model load and first call; plain: excluding
-the model load and one warm-up batch, printed separately), and steady img/s (images after the first finished batch
-/ time from the first finished batch to the last, as the driver sees them arrive): what a long job sees. Without
-``--checkpoint`` the model is randomly initialised (speed does not depend on the weights). No data given: photos are
-generated and packed with the real ``python -m shards.pack photos``. The steady figures are bursty at small n (the
-write stage hands batches back in groups); use a few hundred images or more.
+the model load and one warm-up batch, printed separately), and steady img/s, what a long job sees: plain, images
+after the first finished batch / time from it to the last; ray, the same from the actors' own clocks (each actor's
+images after its first batch / the time from its end to the end of its last, summed over the actors sharing the
+GPU). The driver's view of the Ray path (``arrivals``: batches as they reach the driver) is printed too, but it
+overstates the rate at a few hundred images: the write stage hands batches back in bursts. Without ``--checkpoint``
+the model is randomly initialised (speed does not depend on the weights). No data given: photos are generated and
+packed with the real ``python -m shards.pack photos``.
 """
 from __future__ import annotations
 
@@ -178,6 +180,8 @@ def cpu_budget(split: Path, rgb_dir: Path, scratch: Path, target_img_s: float, m
 # Engine settings timed side by side on the model alone (uint8 in, both stages, compositing, uint8 RGB back on the host).
 MODEL_VARIANTS = {
     "eager": {"cudnn_benchmark": False},
+    # eager with fp32 weights that autocast casts to bf16 on every call (the GPU engine before 2026-11-26)
+    "castweights": {"cudnn_benchmark": False, "bf16_weights": False},
     "unfused": {"cudnn_benchmark": False, "fuse_bn": False},  # eager with the BatchNorms left as they were trained
     "nchw": {"cudnn_benchmark": False, "channels_last": False},  # eager, contiguous NCHW (the CPU engine before)
     "benchmark": {},  # the engine's default: cuDNN's autotuner for recurring shapes, BatchNorms folded
@@ -255,11 +259,16 @@ def ray_worker(split: Path, checkpoint: Path, png_dir: Path, batch_size: int, tt
     summary = batch_infer.run(args)
     wall = time.perf_counter() - start
     workers = list(summary["workers"].values())
+    splits = [w["after_first_batch"] for w in workers]
+    # The actors share one GPU and run side by side, so their steady rates add up. An actor that got one batch has
+    # no steady span; then there is no steady figure (too few images for it).
+    steady = sum(split["img_s"] for split in splits) if splits and all(splits) else None
     return {"actors": actors, "images": summary["restored"], "wall_s": round(wall, 3),
-            "wall_img_s": summary["restored"] / wall, "steady_img_s": summary["steady_img_per_s"],
+            "wall_img_s": summary["restored"] / wall, "steady_img_s": steady,
+            "arrivals_img_s": summary["steady_img_per_s"],
             # one actor: its rate while in the model; several share a device, so their busy times overlap
             "model_busy_img_s": workers[0]["img_per_s"] if actors == 1 else None,
-            "actor_after_first_batch": [w["after_first_batch"] for w in workers]}
+            "actor_after_first_batch": splits}
 
 
 def end_to_end(args: argparse.Namespace, split: Path, checkpoint: Path, tmp: Path) -> dict:
@@ -311,16 +320,16 @@ def print_model(result: dict) -> None:
 def print_end_to_end(result: dict, target_img_s: float) -> None:
     plain, budget = result["plain"], result["cpu_budget"]
     steady = f"{result['ratio_steady']:.2f}x" if result["ratio_steady"] else "n/a"
-    print(f"\n{'path':<8} {'wall img/s':>11} {'steady img/s':>13} {'model img/s':>12}")
+    print(f"\n{'path':<8} {'wall img/s':>11} {'steady img/s':>13} {'model img/s':>12} {'arrivals img/s':>15}")
     for name, r in [("plain", plain)] + [(f"ray x{r['actors']}", r) for r in result["ray_runs"]]:
         print(f"{name:<8} {r['wall_img_s']:>11.2f} {r['steady_img_s'] or float('nan'):>13.2f} "
-              f"{r['model_img_s'] or float('nan'):>12.2f}")
+              f"{r['model_img_s'] or float('nan'):>12.2f} {r.get('arrivals_img_s') or float('nan'):>15.2f}")
     for r in result["ray_runs"]:  # what bounds the Ray path: each actor busy in the model, or waiting on the rest
         for split in r["actor_after_first_batch"]:
             if split:
-                print(f"ray x{r['actors']} actor after its first batch ({split['span_s']:.2f} s): model "
-                      f"{split['model']:.1%}, rest of its calls {split['calls_other']:.1%}, outside its calls "
-                      f"{split['outside_calls']:.1%}")
+                print(f"ray x{r['actors']} actor after its first batch ({split['images']} images in "
+                      f"{split['span_s']:.2f} s, {split['img_s']:.2f} img/s): model {split['model']:.1%}, rest of "
+                      f"its calls {split['calls_other']:.1%}, outside its calls {split['outside_calls']:.1%}")
     print(f"ratio ray/plain: wall {result['ratio_wall']:.2f}x, steady {steady}; "
           f"{result['identical_pngs']}/{plain['images']} PNGs byte-identical; "
           f"plain profile s/img {plain['profile_s_per_img']}")

@@ -114,9 +114,12 @@ def test_restores_test_split_into_a_flat_verified_zip_and_resumes_without_redoin
     assert r.returncode == 0, r.stderr
     assert f"done: {len(keys)} restored, 0 already done, 0 bad" in r.stdout
     # the actor's time after its first batch, split three ways (one actor, batches of 2: several batches)
-    (split_line,) = re.findall(r"after its first batch \(([\d.]+) s\): in the model (\d+)%, in the rest of its "
-                               r"calls (\d+)%, outside its calls (\d+)%", r.stdout)
-    assert float(split_line[0]) > 0 and 99 <= sum(map(int, split_line[1:])) <= 101
+    (split_line,) = re.findall(r"after its first batch \((\d+) images in ([\d.]+) s, ([\d.]+) img/s\): in the model "
+                               r"(\d+)%, in the rest of its calls (\d+)%, outside its calls (\d+)%", r.stdout)
+    images_after, span, rate = int(split_line[0]), float(split_line[1]), float(split_line[2])
+    assert span > 0 and len(keys) - 2 <= images_after < len(keys)  # all but the first batch (of at most 2)
+    assert images_after / (span + 0.006) <= rate <= images_after / max(span - 0.006, 1e-3)  # span printed to 0.01 s
+    assert 99 <= sum(map(int, split_line[3:])) <= 101
 
     images = _zip_images(out)
     assert sorted(images) == sorted(f"{k}.png" for k in keys)  # flat, exactly the manifest's names
@@ -311,6 +314,54 @@ def test_engine_folds_batchnorms_runs_channels_last_and_restores_the_same_images
         memory_format=torch.channels_last)
     nchw = batch_infer.Engine([ckpt], device="cpu", channels_last=False).restore(gray, mask)
     assert np.abs(got.astype(np.int16) - nchw).max() <= 1
+
+
+def _parameter_casts(engine, gray, mask) -> int:
+    """How many casts of the model's own parameters one ``engine.restore`` makes (autocast's per-call weight casts)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    params = {p.data_ptr() for model in engine.models for p in model.parameters()}
+
+    class Casts(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            # autocast casts with aten.to (a no-op returning the tensor itself when the dtype is already right)
+            casts = func in (torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default)
+            if casts and args[0].data_ptr() in params:
+                out = func(*args, **(kwargs or {}))
+                Casts.count += out is not args[0]
+                return out
+            return func(*args, **(kwargs or {}))
+
+    with Casts():
+        engine.restore(gray, mask)
+    return Casts.count
+
+
+def test_bf16_engine_holds_its_conv_weights_in_bf16_so_autocast_casts_none_per_call(ckpt):
+    rng = np.random.default_rng(4)
+    gray = rng.integers(0, 256, (2, 64, 64), dtype=np.uint8)
+    mask = np.zeros((2, 64, 64), bool)
+    mask[:, 12:40, 8:30] = True
+    held = batch_infer.Engine([ckpt], device="cpu", precision="bf16")
+    cast = batch_infer.Engine([ckpt], device="cpu", precision="bf16", bf16_weights=False)
+    convs = [m for m in held.models[0].modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(c.weight.dtype == torch.bfloat16 for c in convs)
+    assert all(c.bias is None or c.bias.dtype == torch.bfloat16 for c in convs)
+    norms = [m for m in held.models[0].modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert all(n.weight.dtype == torch.float32 for n in norms)  # as autocast leaves them (none left once folded)
+    # autocast casts each conv's weight and bias on every call, unless they are bf16 already
+    assert _parameter_casts(cast, gray, mask) >= len(convs)
+    assert _parameter_casts(held, gray, mask) == 0
+    # the same bf16 values reach the convolutions either way: the same images
+    assert np.array_equal(held.restore(gray, mask), cast.restore(gray, mask))
+    # bf16 is not the CPU's default: there the engine stays fp32, without autocast
+    default = batch_infer.Engine([ckpt], device="cpu")
+    assert not default.bf16 and all(p.dtype == torch.float32 for p in default.models[0].parameters())
+    assert _parameter_casts(default, gray, mask) == 0
+    with pytest.raises(ValueError, match="precision='fp16': must be one of auto, bf16, fp32"):
+        batch_infer.Engine([ckpt], device="cpu", precision="fp16")
 
 
 def test_engine_rejects_bad_settings_and_tunes_cudnn_only_for_recurring_shapes(ckpt):
@@ -520,7 +571,9 @@ def test_actor_time_split_covers_the_span_after_the_first_batch():
     # (clock, model, calls) at the end of each batch; the first batch (compilation, say) is left out
     marks = [(30.0, 29.0, 29.5), (32.0, 30.5, 31.1), (34.0, 32.0, 32.7), (32.0, 30.5, 31.1)]  # a batch's rows repeat
     split = batch_infer.actor_time_split(marks)
-    assert split == {"span_s": 4.0, "model": 0.75, "calls_other": 0.05, "outside_calls": 0.2}
+    # one mark per restored image: the images after the first batch are the batch at 32 s (two) and the one at 34 s
+    assert split == {"span_s": 4.0, "model": 0.75, "calls_other": 0.05, "outside_calls": 0.2, "images": 3,
+                     "img_s": 0.75}
     assert batch_infer.actor_time_split(marks[:1]) is None  # one batch: nothing after it
     assert batch_infer.actor_time_split([]) is None
 
