@@ -75,6 +75,44 @@ def test_channels_last_bf16_autocast_keeps_known_pixels_and_fp32_outputs():
     assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
+def test_decoder_upsamples_in_the_features_dtype_with_the_same_outputs(tiny_model):
+    """CUDA autocast would run nearest upsampling in fp32 and drag the concatenation with it; the decoder keeps it in
+    bf16 (autocast off around it). The policy is CUDA's, so the test checks the mechanism: every upsampling runs
+    outside autocast on bf16 input, and the model computes what smp's own decoder block computes."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from segmentation_models_pytorch.decoders.unetplusplus.decoder import DecoderBlock
+
+    from restore.model import SameDtypeUpsampleBlock
+
+    blocks = [m for m in tiny_model.modules() if isinstance(m, DecoderBlock)]
+    assert blocks and all(type(b) is SameDtypeUpsampleBlock for b in blocks)
+    seen = []
+
+    class Upsamples(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten.upsample_nearest2d:
+                seen.append((args[0].dtype, torch.is_autocast_enabled("cpu")))
+            return func(*args, **(kwargs or {}))
+
+    gray, mask = _inputs()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), Upsamples():
+        tiny_model(gray, mask)
+    assert len(seen) == len(blocks)  # each block of both stages once
+    assert set(seen) == {(torch.bfloat16, False)}
+
+    # smp's block put back: the same numbers, in fp32 and under bf16 autocast
+    original = build_model(TINY).eval()
+    original.load_state_dict(tiny_model.state_dict())
+    for m in original.modules():
+        if type(m) is SameDtypeUpsampleBlock:
+            m.__class__ = DecoderBlock
+    with torch.no_grad():
+        for autocast in (False, True):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                for ours, theirs in zip(tiny_model(gray, mask), original(gray, mask)):
+                    assert torch.equal(ours, theirs)
+
+
 @pytest.mark.parametrize("spec", [TINY, TINY_WIDE], ids=["efficientnet", "resnet"])
 def test_cbam_on_deepest_feature_sized_from_encoder(spec):
     model = build_model(spec).eval()
