@@ -22,10 +22,15 @@ def op_profile(prof, cuda: bool, units: int, rows: int = 15) -> dict:
     """A torch.profiler run summarised per unit (image or step): the ops by self time on the device (CPU time when
     ``cuda`` is False), their share, and on a GPU the kernels per unit, whose count against the device time says
     whether the work is launch-bound (many kernels of a few µs) or bound by the kernels themselves."""
+    from torch.autograd import DeviceType
+
     attr = "self_device_time_total" if cuda else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)
-    total_us = sum(getattr(e, attr) for e in events)
-    kernels = sum(e.count for e in events if cuda and e.self_device_time_total > 0)
+    # On a GPU an op (aten::add_) and the kernel it launched both carry the kernel's time; the kernels alone sum to
+    # the device's time (summing both counted it twice: the profiles of 2026-11-26 and before).
+    timed = [e for e in events if e.device_type == DeviceType.CUDA] if cuda else events
+    total_us = sum(getattr(e, attr) for e in timed)
+    kernels = sum(e.count for e in timed) if cuda else 0
     top = [{"op": e.key, "calls_per_unit": e.count / units, "ms_per_unit": getattr(e, attr) / units / 1e3,
             "share": getattr(e, attr) / total_us if total_us else 0.0} for e in events[:rows]]
     return {"device_time": "cuda" if cuda else "cpu", "ms_per_unit": total_us / units / 1e3,

@@ -129,8 +129,8 @@ class SameDtypeUpsampleBlock(_SmpDecoderBlock):
     CUDA autocast runs ``upsample_nearest2d`` in fp32 (it is on autocast's fp32 list), so under bf16 each block cast
     its bf16 input up, upsampled it in fp32, concatenated the bf16 skips into an fp32 tensor and cast that back down
     for its first conv: twice the bytes of the block's largest tensors, and two extra kernels. On an H100, eager
-    inference spent ~28% of its GPU time in that upsampling, concatenation and those casts (bench profile,
-    2026-11-26). Nearest upsampling only copies values, so the conv receives the same bf16 numbers either way.
+    inference spent about a quarter of its GPU time in that upsampling, concatenation and the up-casts (bench
+    profile, 2026-11-26). Nearest upsampling only copies values, so the conv receives the same bf16 numbers either way.
     Other interpolation modes compute new values and keep autocast's fp32.
     """
 
