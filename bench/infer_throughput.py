@@ -24,9 +24,9 @@ Ray (one object per image vs the dense array it returns).
 
 Reported per path: wall img/s (ray: including the actor's start-up, model load and first call; plain: excluding
 the model load and one warm-up batch, printed separately), and steady img/s, what a long job sees: plain, images
-after the first finished batch / time from it to the last; ray, the same from the actors' own clocks (each actor's
-images after its first batch / the time from its end to the end of its last, summed over the actors sharing the
-GPU). The driver's view of the Ray path (``arrivals``: batches as they reach the driver) is printed too, but it
+after the first finished batch / time from it to the last; ray, the same from the actors' own clocks (the images of
+the batches that ended after the first batch any actor finished / the time from it to the last batch's end, all
+actors pooled on the wall clock). The driver's view of the Ray path (``arrivals``: batches as they reach the driver) is printed too, but it
 overstates the rate at a few hundred images: the write stage hands batches back in bursts. Without ``--checkpoint``
 the model is randomly initialised (speed does not depend on the weights). No data given: photos are generated and
 packed with the real ``python -m shards.pack photos``.
@@ -260,12 +260,9 @@ def ray_worker(split: Path, checkpoint: Path, png_dir: Path, batch_size: int, tt
     wall = time.perf_counter() - start
     workers = list(summary["workers"].values())
     splits = [w["after_first_batch"] for w in workers]
-    # The actors share one GPU and run side by side, so their steady rates add up. An actor that got one batch has
-    # no steady span; then there is no steady figure (too few images for it).
-    steady = sum(split["img_s"] for split in splits) if splits and all(splits) else None
     return {"actors": actors, "images": summary["restored"], "wall_s": round(wall, 3),
-            "wall_img_s": summary["restored"] / wall, "steady_img_s": steady,
-            "arrivals_img_s": summary["steady_img_per_s"],
+            "wall_img_s": summary["restored"] / wall, "steady_img_s": summary["steady_img_per_s"],
+            "arrivals_img_s": summary["arrivals_img_per_s"],
             # one actor: its rate while in the model; several share a device, so their busy times overlap
             "model_busy_img_s": workers[0]["img_per_s"] if actors == 1 else None,
             "actor_after_first_batch": splits}

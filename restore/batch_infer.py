@@ -553,6 +553,8 @@ class RestoreWorker:
         result["actor_clock_s"] = np.full(n, end - self._clock_start)
         result["actor_model_s"] = np.full(n, self._model_s)
         result["actor_calls_s"] = np.full(n, self._calls_s)
+        # The wall clock too: actors sharing a GPU (or spread over nodes) are pooled by the driver on one time axis.
+        result["actor_end_unix"] = np.full(n, time.time())
         return result
 
 
@@ -566,7 +568,7 @@ def _stacked(column: np.ndarray, idx: list[int]) -> np.ndarray:
 
 ACTOR_TIME_COLUMNS = ("actor_clock_s", "actor_model_s", "actor_calls_s")
 # What every row carries from its actor, so far (cumulative): the writers pass them on to the driver's worker lines.
-ACTOR_COLUMNS = ("graphs_compiled", "graphs_cached", *ACTOR_TIME_COLUMNS)
+ACTOR_COLUMNS = ("graphs_compiled", "graphs_cached", *ACTOR_TIME_COLUMNS, "actor_end_unix")
 
 
 def actor_time_split(marks: Sequence[tuple[float, float, float]]) -> dict | None:
@@ -812,8 +814,24 @@ def run(args: argparse.Namespace) -> dict:
         if own_ray:
             ray.shutdown()
     summary = _finish(args, plan, rows, png_dir, out, time.perf_counter() - started)
-    summary["steady_img_per_s"] = steady_rate(arrivals)
+    # The driver's view of the batches as they arrive: bursty (the writers hand batches back in groups), so the
+    # steady rate is the actors' own, pooled (``summary["steady"]``); this one is kept for comparison.
+    summary["arrivals_img_per_s"] = steady_rate(arrivals)
     return summary
+
+
+def pooled_steady_rate(batch_ends: Sequence[float]) -> dict | None:
+    """All actors together after the first batch any of them finished (model loads excluded): the images of the
+    batches that ended after it, over the time from it to the last batch's end. ``batch_ends``: one wall-clock time
+    per restored image, the end of its batch. With one actor this is its own steady rate; with several it is what
+    they restored together, whether they overlapped or not. None with fewer than two batches."""
+    if not batch_ends:
+        return None
+    first, last = min(batch_ends), max(batch_ends)
+    if last <= first:
+        return None
+    images = sum(1 for t in batch_ends if t > first)
+    return {"images": images, "span_s": round(last - first, 3), "img_s": round(images / (last - first), 3)}
 
 
 def steady_rate(arrivals: list[tuple[float, int]]) -> float | None:
@@ -877,10 +895,12 @@ def _finish(args: argparse.Namespace, plan: Plan, rows: list[dict], png_dir: Pat
         marks[r["worker"]].append(tuple(float(r[k]) for k in ACTOR_TIME_COLUMNS))
     for name, w in per_worker.items():
         w["after_first_batch"] = actor_time_split(marks[name])
+    steady = pooled_steady_rate([float(r["actor_end_unix"]) for r in restored])
     summary: dict[str, Any] = {
         "images": len(plan.keys), "restored": len(restored), "already_done": len(good) - len(restored),
         "bad": len(bad), "seconds": round(elapsed, 3),
         "img_per_s": round(len(restored) / elapsed, 3) if elapsed > 0 else None,
+        "steady": steady, "steady_img_per_s": steady["img_s"] if steady else None,
         "workers": {w: {**v, "img_per_s": round(v["images"] / v["busy_s"], 3) if v["busy_s"] else None}
                     for w, v in sorted(per_worker.items())},
         "png_dir": str(png_dir), "zip": None,
@@ -918,7 +938,9 @@ def _finish(args: argparse.Namespace, plan: Plan, rows: list[dict], png_dir: Pat
     for note in summary["notes"]:
         print(f"note: {note}")
     print(f"done: {summary['restored']} restored, {summary['already_done']} already done, {summary['bad']} bad, "
-          f"{elapsed:.1f}s, {summary['img_per_s'] or 0:.2f} img/s end to end")
+          f"{elapsed:.1f}s, {summary['img_per_s'] or 0:.2f} img/s end to end"
+          + (f"; steady {steady['img_s']:.2f} img/s ({steady['images']} images after the first batch, "
+             f"{steady['span_s']:.2f} s)" if steady else ""))
     for name, w in summary["workers"].items():
         print(f"  worker {name}: {w['images']} images, {w['busy_s']:.2f}s in the model, "
               f"{w['img_per_s'] or 0:.2f} img/s"

@@ -120,6 +120,9 @@ def test_restores_test_split_into_a_flat_verified_zip_and_resumes_without_redoin
     assert span > 0 and len(keys) - 2 <= images_after < len(keys)  # all but the first batch (of at most 2)
     assert images_after / (span + 0.006) <= rate <= images_after / max(span - 0.006, 1e-3)  # span printed to 0.01 s
     assert 99 <= sum(map(int, split_line[3:])) <= 101
+    # one actor: the pooled steady rate on the wall clock covers the same images as the actor's own clock
+    (steady,) = re.findall(r"; steady ([\d.]+) img/s \((\d+) images after the first batch, ([\d.]+) s\)", r.stdout)
+    assert int(steady[1]) == images_after and float(steady[0]) > 0
 
     images = _zip_images(out)
     assert sorted(images) == sorted(f"{k}.png" for k in keys)  # flat, exactly the manifest's names
@@ -576,6 +579,14 @@ def test_actor_time_split_covers_the_span_after_the_first_batch():
                      "img_s": 0.75}
     assert batch_infer.actor_time_split(marks[:1]) is None  # one batch: nothing after it
     assert batch_infer.actor_time_split([]) is None
+
+
+def test_pooled_steady_rate_counts_the_batches_after_the_first_any_actor_finished():
+    # two actors on one clock: A's batches end at 10, 12, 14 s (2 images each), B's at 11 and 15 s (3 images each)
+    ends = [10.0] * 2 + [12.0] * 2 + [14.0] * 2 + [11.0] * 3 + [15.0] * 3
+    assert batch_infer.pooled_steady_rate(ends) == {"images": 10, "span_s": 5.0, "img_s": 2.0}
+    assert batch_infer.pooled_steady_rate([7.0, 7.0]) is None  # one batch: no span after it
+    assert batch_infer.pooled_steady_rate([]) is None
 
 
 def test_engine_reads_rays_read_only_columns_quietly_and_leaves_them_as_they_were(ckpt):

@@ -31,8 +31,9 @@ def test_infer_throughput_tiny_runs_both_paths_and_prints_the_ratio(repo_root, t
     assert split["span_s"] > 0
     assert split["model"] + split["calls_other"] + split["outside_calls"] == pytest.approx(1, abs=1e-3)
     # the Ray path's steady rate is the actor's own: the second batch's 4 images over the span after the first
-    assert split["images"] == 4 and result["ray"]["steady_img_s"] == split["img_s"]
-    assert split["img_s"] == pytest.approx(4 / split["span_s"], rel=0.02)  # span_s is rounded to the ms
+    assert split["images"] == 4 and split["img_s"] == pytest.approx(4 / split["span_s"], rel=0.02)  # span_s: to the ms
+    # one actor: the pooled rate (wall clock) and the actor's own (its perf counter) cover the same span
+    assert result["ray"]["steady_img_s"] == pytest.approx(split["img_s"], rel=0.05)
     assert "ray x1 actor after its first batch (" in r.stdout
     # --ray-actors 1,2: the Ray path again with two actors, all images restored once, the same bytes as with one
     one, two = result["ray_runs"]
@@ -77,4 +78,4 @@ def test_infer_throughput_rejects_unknown_model_variants(repo_root):
     r = subprocess.run([sys.executable, str(repo_root / "bench" / "infer_throughput.py"), "--tiny",
                         "--model-variants", "eager,turbo"], cwd=repo_root, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
-    assert "--model-variants: unknown turbo; choose from eager, unfused, nchw, benchmark, compile, cudagraphs, autotune" in r.stderr
+    assert "--model-variants: unknown turbo; choose from eager, castweights, unfused, nchw, benchmark, compile, cudagraphs, autotune" in r.stderr
