@@ -7,8 +7,8 @@ Both runs are ``python -m torch.distributed.run --standalone -m job.train`` on t
 ``seed=K`` among the extra overrides), schedule and validation split; only the speed settings differ:
 
   seed     precision=fp32 channels_last=false compile=off batch_size=--seed-batch (8)
-  default  the job's own defaults (bf16 autocast, channels_last, torch.compile on CUDA) with batch_size=--batch (16)
-           and lr=--default-lr (default: the same --lr)
+  default  the job's own defaults (bf16 autocast, channels_last, torch.compile on CUDA) with batch_size=--batch (32)
+           and lr=--default-lr (default: --lr scaled with the batch, --lr x --batch / --seed-batch: 4e-4)
 
 Each run's ``metrics.jsonl`` gives the exact DACON validation score at every ``--val-every`` steps; the table puts
 the two side by side per step, with the seconds since the run's launch (torchrun start and compilation included).
@@ -42,6 +42,11 @@ def recipe_overrides(name: str, batch: int, seed_batch: int) -> list[str]:
     return [f"batch_size={batch}"]  # precision, channels_last and compile stay the job's auto settings
 
 
+def default_lr(args) -> float:
+    """The default recipe's lr: as given, else the seed's scaled linearly with the batch (the docs' rule)."""
+    return args.default_lr if args.default_lr else args.lr * args.batch / args.seed_batch
+
+
 def pack_demo_shards(root: Path, crops_per_photo: int) -> Path:
     from launch.demo import pack_command, write_demo_photos
 
@@ -55,7 +60,7 @@ def train(name: str, args, shards: Path, run_dir: Path, nproc: int) -> dict:
     overrides = [f"encoder={args.encoder}", f"decoder_channels={args.decoder_channels}", f"crop_size={args.size}",
                  f"max_steps={args.steps}", f"val_every={args.val_every}", f"warmup_steps={args.warmup_steps}",
                  f"num_workers={args.workers}", "resume=never", "patience=0",
-                 f"lr={args.default_lr if name == 'default' and args.default_lr else args.lr}",
+                 f"lr={default_lr(args) if name == 'default' else args.lr}",
                  f"log_every={args.val_every}", *recipe_overrides(name, args.batch, args.seed_batch),
                  *args.extra]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m",
@@ -93,10 +98,11 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--val-every", type=int, default=100)
     ap.add_argument("--warmup-steps", type=int, default=50)
-    ap.add_argument("--batch", type=int, default=16, help="the default recipe's per-GPU batch")
+    ap.add_argument("--batch", type=int, default=32, help="the default recipe's per-GPU batch")
     ap.add_argument("--seed-batch", type=int, default=8, help="the seed recipe's batch")
     ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--default-lr", type=float, help="the default recipe's lr (default: --lr), e.g. scaled with batch")
+    ap.add_argument("--default-lr", type=float,
+                    help="the default recipe's lr (default: --lr x --batch / --seed-batch, scaled with the batch)")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--encoder", default="efficientnet-b4")
     ap.add_argument("--decoder-channels", default="256,128,64,32,16")
