@@ -286,7 +286,7 @@ def test_compiled_engine_pads_to_one_static_batch_and_matches_eager(ckpt):
     gray = rng.integers(0, 256, (7, 64, 64), dtype=np.uint8)
     mask = np.zeros((7, 64, 64), bool)
     mask[:, 8:28, 16:40] = True
-    want = batch_infer.Engine([ckpt], device="cpu").restore(gray, mask)
+    want = batch_infer.Engine([ckpt], device="cpu", fuse_bn=True).restore(gray, mask)  # folded, as compiled ones are
 
     torch._dynamo.reset()
     counters.clear()
@@ -305,17 +305,22 @@ def test_engine_folds_batchnorms_runs_channels_last_and_restores_the_same_images
     gray = rng.integers(0, 256, (3, 64, 64), dtype=np.uint8)
     mask = np.zeros((3, 64, 64), bool)
     mask[:, 10:30, 5:45] = True
-    fused = batch_infer.Engine([ckpt], device="cpu")
-    plain = batch_infer.Engine([ckpt], device="cpu", fuse_bn=False)
+    fused = batch_infer.Engine([ckpt], device="cpu", fuse_bn=True)
+    plain = batch_infer.Engine([ckpt], device="cpu")  # eager: the BatchNorms as trained, by default
     (report,) = fused.fuse_reports
     assert report.pairs == report.batchnorms == 68 and report.max_abs_diff < 1e-4
     assert plain.fuse_reports == []
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.models[0].modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.models[0].modules())
+    # a compiled engine folds by default (aot_eager: wrapping only, nothing compiles before the first call)
+    compiled = batch_infer.Engine([ckpt], device="cpu", batch_size=3, compile="default", compile_backend="aot_eager")
+    assert len(compiled.fuse_reports) == 1
     got, want = fused.restore(gray, mask), plain.restore(gray, mask)
     assert np.abs(got.astype(np.int16) - want).max() <= 1  # float rounding may move a value across a .5
     # NHWC on the CPU too (oneDNN's fast layout): the same images up to rounding.
     assert fused.channels_last and fused.models[0].inpainter.net.encoder.model.conv_stem.weight.is_contiguous(
         memory_format=torch.channels_last)
-    nchw = batch_infer.Engine([ckpt], device="cpu", channels_last=False).restore(gray, mask)
+    nchw = batch_infer.Engine([ckpt], device="cpu", fuse_bn=True, channels_last=False).restore(gray, mask)
     assert np.abs(got.astype(np.int16) - nchw).max() <= 1
 
 
