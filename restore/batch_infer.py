@@ -481,9 +481,9 @@ def _hold_conv_weights_in_bf16(model) -> int:
 
     Under bf16 autocast these are the parameters autocast would cast on every call: two cast kernels per layer, about
     760 of the ~2,460 kernels of an eager call of 32 images on the two EfficientNet-B4 stages on an H100 (bench
-    profile, 2026-11-26). Autocast leaves a tensor that is already bf16 as it is, and the cast gives the same values it would
-    give, so the outputs do not change. Normalization layers keep their fp32 parameters and statistics, as under
-    autocast alone."""
+    profile, 2026-11-26). Autocast leaves a tensor that is already bf16 as it is, and the cast gives the same values
+    it would give, so the outputs do not change. Normalization layers keep their fp32 parameters and statistics, as
+    under autocast alone."""
     import torch
     from torch import nn
 
