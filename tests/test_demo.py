@@ -40,3 +40,11 @@ def test_demo_runs_end_to_end_and_reports_scores_and_a_picture(tmp_path):
         assert grid.size == (4 * 512, min(4, len(keys)) * 512)
     assert "model - gray_copy" in proc.stdout
     assert (out / "run" / "checkpoints" / "best.pt").is_file()
+
+
+def test_demo_picks_a_gpu_batch_that_fits_the_card_eagerly():
+    from launch.demo import gpu_batch
+
+    assert gpu_batch(79.2) == (16, 2e-4)  # H100 80GB: batch 16 eager peaks at 28 GiB
+    assert gpu_batch(40.0) == (16, 2e-4)
+    assert gpu_batch(23.6) == (8, 1e-4)  # a 24 GB card: the job's default batch and lr
