@@ -261,7 +261,7 @@ def ray_worker(split: Path, checkpoint: Path, png_dir: Path, batch_size: int, tt
     workers = list(summary["workers"].values())
     splits = [w["after_first_batch"] for w in workers]
     return {"actors": actors, "images": summary["restored"], "wall_s": round(wall, 3),
-            "wall_img_s": summary["restored"] / wall, "steady_img_s": summary["steady_img_per_s"],
+            "wall_img_s": summary["restored"] / wall, "steady_img_s": summary["steady"]["img_s"] if summary["steady"] else None,
             "arrivals_img_s": summary["arrivals_img_per_s"],
             # one actor: its rate while in the model; several share a device, so their busy times overlap
             "model_busy_img_s": workers[0]["img_per_s"] if actors == 1 else None,

@@ -476,8 +476,8 @@ class Engine:
         return out.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
-def _hold_conv_weights_in_bf16(model) -> int:
-    """Casts every convolution's (and linear layer's) weight and bias to bf16, once; returns how many layers.
+def _hold_conv_weights_in_bf16(model) -> None:
+    """Casts every convolution's (and linear layer's) weight and bias to bf16, once.
 
     Under bf16 autocast these are the parameters autocast would cast on every call: two cast kernels per layer, about
     760 of the ~2,460 kernels of an eager call of 32 images on the two EfficientNet-B4 stages on an H100 (bench
@@ -487,10 +487,9 @@ def _hold_conv_weights_in_bf16(model) -> int:
     import torch
     from torch import nn
 
-    layers = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
-    for layer in layers:
-        layer.to(torch.bfloat16)
-    return len(layers)
+    for layer in model.modules():
+        if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            layer.to(torch.bfloat16)
 
 
 class RestoreWorker:
@@ -585,15 +584,14 @@ def actor_time_split(marks: Sequence[tuple[float, float, float]]) -> dict | None
     batches only approximates, as the write stage hands them back in bursts). ``marks``: one per restored image, the
     actor's (clock, model, calls) seconds at the end of the image's batch, cumulative. None with fewer than two
     batches."""
-    batch_ends = sorted(set(marks))
-    if len(batch_ends) < 2 or batch_ends[-1][0] <= batch_ends[0][0]:
+    rate = rate_after_first_batch([clock for clock, _, _ in marks])
+    if rate is None:
         return None
-    (clock0, model0, calls0), (clock1, model1, calls1) = batch_ends[0], batch_ends[-1]
+    (clock0, model0, calls0), (clock1, model1, calls1) = min(marks), max(marks)
     span = clock1 - clock0
     model, calls = model1 - model0, calls1 - calls0
-    images = sum(1 for m in marks if m[0] > clock0)
-    return {"span_s": round(span, 3), "model": round(model / span, 4), "calls_other": round((calls - model) / span, 4),
-            "outside_calls": round(1.0 - calls / span, 4), "images": images, "img_s": round(images / span, 3)}
+    return {"span_s": rate["span_s"], "model": round(model / span, 4), "calls_other": round((calls - model) / span, 4),
+            "outside_calls": round(1.0 - calls / span, 4), "images": rate["images"], "img_s": rate["img_s"]}
 
 
 def _rgb_column(rgb: list[np.ndarray], todo: list[int]) -> np.ndarray:
@@ -825,11 +823,12 @@ def run(args: argparse.Namespace) -> dict:
     return summary
 
 
-def pooled_steady_rate(batch_ends: Sequence[float]) -> dict | None:
-    """All actors together after the first batch any of them finished (model loads excluded): the images of the
-    batches that ended after it, over the time from it to the last batch's end. ``batch_ends``: one wall-clock time
-    per restored image, the end of its batch. With one actor this is its own steady rate; with several it is what
-    they restored together, whether they overlapped or not. None with fewer than two batches."""
+def rate_after_first_batch(batch_ends: Sequence[float]) -> dict | None:
+    """The steady rate after the first batch (model loads and compilation excluded): the images of the batches that
+    ended after the first one, over the time from its end to the last batch's end. ``batch_ends``: one time per
+    restored image, the end of its batch: one actor's clock (``actor_time_split``), all actors' wall clocks pooled
+    (the run's steady rate, whether they overlapped or not), or the arrivals at the driver (``steady_rate``). None
+    with fewer than two batches."""
     if not batch_ends:
         return None
     first, last = min(batch_ends), max(batch_ends)
@@ -840,11 +839,10 @@ def pooled_steady_rate(batch_ends: Sequence[float]) -> dict | None:
 
 
 def steady_rate(arrivals: list[tuple[float, int]]) -> float | None:
-    """Restored images per second after the first batch that restored any (start-up and model load excluded)."""
-    arrivals = [(t, n) for t, n in arrivals if n > 0]
-    if len(arrivals) < 2 or arrivals[-1][0] <= arrivals[0][0]:
-        return None
-    return sum(n for _, n in arrivals[1:]) / (arrivals[-1][0] - arrivals[0][0])
+    """Restored images per second after the first batch that restored any (start-up and model load excluded), from
+    (arrival time, images restored) per batch."""
+    rate = rate_after_first_batch([t for t, n in arrivals for _ in range(n)])
+    return rate["img_s"] if rate else None
 
 
 def _consume(ds, total: int, *, skip_bad: bool) -> tuple[list[dict], list[tuple[float, int]]]:
@@ -900,12 +898,12 @@ def _finish(args: argparse.Namespace, plan: Plan, rows: list[dict], png_dir: Pat
         marks[r["worker"]].append(tuple(float(r[k]) for k in ACTOR_TIME_COLUMNS))
     for name, w in per_worker.items():
         w["after_first_batch"] = actor_time_split(marks[name])
-    steady = pooled_steady_rate([float(r["actor_end_unix"]) for r in restored])
+    steady = rate_after_first_batch([float(r["actor_end_unix"]) for r in restored])
     summary: dict[str, Any] = {
         "images": len(plan.keys), "restored": len(restored), "already_done": len(good) - len(restored),
         "bad": len(bad), "seconds": round(elapsed, 3),
         "img_per_s": round(len(restored) / elapsed, 3) if elapsed > 0 else None,
-        "steady": steady, "steady_img_per_s": steady["img_s"] if steady else None,
+        "steady": steady,
         "workers": {w: {**v, "img_per_s": round(v["images"] / v["busy_s"], 3) if v["busy_s"] else None}
                     for w, v in sorted(per_worker.items())},
         "png_dir": str(png_dir), "zip": None,

@@ -586,12 +586,12 @@ def test_actor_time_split_covers_the_span_after_the_first_batch():
     assert batch_infer.actor_time_split([]) is None
 
 
-def test_pooled_steady_rate_counts_the_batches_after_the_first_any_actor_finished():
+def test_rate_after_first_batch_counts_the_batches_after_the_first_any_actor_finished():
     # two actors on one clock: A's batches end at 10, 12, 14 s (2 images each), B's at 11 and 15 s (3 images each)
     ends = [10.0] * 2 + [12.0] * 2 + [14.0] * 2 + [11.0] * 3 + [15.0] * 3
-    assert batch_infer.pooled_steady_rate(ends) == {"images": 10, "span_s": 5.0, "img_s": 2.0}
-    assert batch_infer.pooled_steady_rate([7.0, 7.0]) is None  # one batch: no span after it
-    assert batch_infer.pooled_steady_rate([]) is None
+    assert batch_infer.rate_after_first_batch(ends) == {"images": 10, "span_s": 5.0, "img_s": 2.0}
+    assert batch_infer.rate_after_first_batch([7.0, 7.0]) is None  # one batch: no span after it
+    assert batch_infer.rate_after_first_batch([]) is None
 
 
 def test_engine_reads_rays_read_only_columns_quietly_and_leaves_them_as_they_were(ckpt):
