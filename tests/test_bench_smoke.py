@@ -193,3 +193,28 @@ def test_compile_warmup_tiny_compares_cold_node_and_loaded_restarts(tmp_path):
         assert r["first_step_s"] > 0 and r["step_ms"] > 0 and r["process_s"] > r["first_step_s"]
     assert set(out["ratio"]) == {"cold/node", "cold/loaded"} and all(v > 0 for v in out["ratio"].values())
     assert "compile time (first step minus one step) cold/loaded:" in res.stdout
+
+
+def test_op_profile_sums_kernels_alone_and_keeps_cupti_overhead_apart(monkeypatch):
+    """A GPU profile as torch.profiler gives it: each op and the kernel it launched carry the same device time, and
+    CUPTI's "Command Buffer Full" record comes as a device event too. Only the kernels are GPU work."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "bench"))
+    import report
+
+    def event(key, us, count, device=DeviceType.CUDA):
+        return SimpleNamespace(key=key, self_device_time_total=us, count=count, device_type=device)
+
+    events = [event("aten::cudnn_convolution", 600, 10, DeviceType.CPU), event("sm90_conv_kernel", 600, 10),
+              event("aten::cat", 300, 2, DeviceType.CPU), event("CatArrayBatchedCopy", 300, 2),
+              event("Command Buffer Full", 250, 3)]
+    summary = report.op_profile(SimpleNamespace(key_averages=lambda: events), cuda=True, units=2)
+    assert summary["ms_per_unit"] == pytest.approx(0.45)  # (600 + 300) µs of kernels over 2 images
+    assert summary["kernels_per_unit"] == 6
+    assert summary["overhead_ms_per_unit"] == {"Command Buffer Full": pytest.approx(0.125)}
+    assert [row["op"] for row in summary["top"]] == ["aten::cudnn_convolution", "sm90_conv_kernel", "aten::cat",
+                                                     "CatArrayBatchedCopy"]
+    assert summary["top"][1]["share"] == pytest.approx(600 / 900)
