@@ -325,10 +325,17 @@ def _read_images(item: dict) -> Iterator[dict]:
 # batch shape (the last, short batch is padded) so the model compiles once per image size; "reduce-overhead" adds
 # CUDA graphs on top of that.
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
-PRECISIONS = ("auto", "bf16", "fp32")  # auto: bf16 on a GPU, fp32 on a CPU
+PRECISIONS = ("auto", "bf16", "fp32")  # auto: bf16 on a GPU with native bf16 (Ampere and later), else fp32
+
 # cuDNN's autotuner searches kernels anew for every input shape: worth it for a shape that recurs (a packed split of
 # one size), wasted on a folder of photos that all differ. So an engine turns it on for a shape's third call.
 BENCHMARK_AFTER_CALLS = 3
+
+
+def runs_bf16(precision: str, cuda: bool, native_bf16: bool) -> bool:
+    """Whether an engine runs bf16 autocast: asked for, or ``auto`` on a GPU whose tensor cores do bf16. Before
+    Ampere (T4, V100) bf16 is emulated, slower than fp32 or refused by cuDNN, so ``auto`` stays fp32 there."""
+    return precision == "bf16" or (precision == "auto" and cuda and native_bf16)
 
 
 class Engine:
@@ -345,7 +352,8 @@ class Engine:
     of ``restore.compile_cache`` files that a compiled engine loads before its first call and adds its graphs to
     after a call that compiled, so an actor started on another node loads them instead of compiling; its log lines
     collect in ``cache_log``. ``precision``: ``bf16`` runs the model under bf16 autocast with the convolutions'
-    weights held in bf16 (``bf16_weights``), ``fp32`` without autocast; ``auto`` is bf16 on a GPU, fp32 on a CPU.
+    weights held in bf16 (``bf16_weights``), ``fp32`` without autocast; ``auto`` is bf16 on a GPU with native bf16
+    (``runs_bf16``), else fp32.
     """
 
     def __init__(self, checkpoints: Sequence[str | os.PathLike], *, tta: bool = False, composite: bool = True,
@@ -369,7 +377,8 @@ class Engine:
         self.torch = torch
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.cuda = self.device.type == "cuda"
-        self.bf16 = precision == "bf16" or (precision == "auto" and self.cuda)
+        self.bf16 = runs_bf16(precision, self.cuda,
+                              self.cuda and torch.cuda.is_bf16_supported(including_emulation=False))
         self.tta, self.composite = tta, composite
         self.batch_size, self.compile, self.cudnn_benchmark = batch_size, compile, cudnn_benchmark
         self.channels_last = channels_last

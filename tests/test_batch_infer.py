@@ -370,6 +370,12 @@ def test_bf16_engine_holds_its_conv_weights_in_bf16_so_autocast_casts_none_per_c
     assert _parameter_casts(default, gray, mask) == 0
     with pytest.raises(ValueError, match="precision='fp16': must be one of auto, bf16, fp32"):
         batch_infer.Engine([ckpt], device="cpu", precision="fp16")
+    # auto: bf16 only on a GPU whose tensor cores do bf16 (Ampere and later); a T4 or V100 stays fp32
+    assert batch_infer.runs_bf16("auto", cuda=True, native_bf16=True)
+    assert not batch_infer.runs_bf16("auto", cuda=True, native_bf16=False)
+    assert not batch_infer.runs_bf16("auto", cuda=False, native_bf16=False)
+    assert batch_infer.runs_bf16("bf16", cuda=False, native_bf16=False)  # asked for: as on the CPU above
+    assert not batch_infer.runs_bf16("fp32", cuda=True, native_bf16=True)
 
 
 def test_engine_rejects_bad_settings_and_tunes_cudnn_only_for_recurring_shapes(ckpt):
