@@ -26,10 +26,10 @@ Reported per path: wall img/s (ray: including the actor's start-up, model load a
 the model load and one warm-up batch, printed separately), and steady img/s, what a long job sees: plain, images
 after the first finished batch / time from it to the last; ray, the same from the actors' own clocks (the images of
 the batches that ended after the first batch any actor finished / the time from it to the last batch's end, all
-actors pooled on the wall clock). The driver's view of the Ray path (``arrivals``: batches as they reach the driver) is printed too, but it
-overstates the rate at a few hundred images: the write stage hands batches back in bursts. Without ``--checkpoint``
-the model is randomly initialised (speed does not depend on the weights). No data given: photos are generated and
-packed with the real ``python -m shards.pack photos``.
+actors pooled on the wall clock). The driver's view of the Ray path (``arrivals``: batches as they reach the
+driver) is printed too, but it overstates the rate at a few hundred images: the write stage hands batches back in
+bursts. Without ``--checkpoint`` the model is randomly initialised (speed does not depend on the weights). No data
+given: photos are generated and packed with the real ``python -m shards.pack photos``.
 """
 from __future__ import annotations
 
@@ -259,13 +259,13 @@ def ray_worker(split: Path, checkpoint: Path, png_dir: Path, batch_size: int, tt
     summary = batch_infer.run(args)
     wall = time.perf_counter() - start
     workers = list(summary["workers"].values())
-    splits = [w["after_first_batch"] for w in workers]
+    steady = summary["steady"]  # the actors' own rate after the first batch, pooled
     return {"actors": actors, "images": summary["restored"], "wall_s": round(wall, 3),
-            "wall_img_s": summary["restored"] / wall, "steady_img_s": summary["steady"]["img_s"] if summary["steady"] else None,
+            "wall_img_s": summary["restored"] / wall, "steady_img_s": steady["img_s"] if steady else None,
             "arrivals_img_s": summary["arrivals_img_per_s"],
             # one actor: its rate while in the model; several share a device, so their busy times overlap
             "model_busy_img_s": workers[0]["img_per_s"] if actors == 1 else None,
-            "actor_after_first_batch": splits}
+            "actor_after_first_batch": [w["after_first_batch"] for w in workers]}
 
 
 def end_to_end(args: argparse.Namespace, split: Path, checkpoint: Path, tmp: Path) -> dict:

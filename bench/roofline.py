@@ -1,7 +1,7 @@
 """The roofline floor of the two-stage restorer: FLOPs, HBM bytes and kernels per image, from one traced pass.
 
     python bench/roofline.py                      # 512 px, EfficientNet-B4 x2, inference batch 32, training 8 / 32
-    python bench/roofline.py --infer-img-s 246 --train-img-s seed=34.3,default=112.9   # measured rates vs floors
+    python bench/roofline.py --infer-img-s 274 --train-img-s seed=34.3,default=112.9   # measured rates vs floors
     python bench/roofline.py --tiny               # CPU smoke: timm test encoder, 64 px
 
 Why: a measured rate (227 img/s inference, 85.6 img/s training on an H100) only says how far a target is once it is
