@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 from restore import compile_cache
+from restore.precision import PRECISIONS
 
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 STAGES = ("joint", "staged")
 COLOR_MODES = ("rgb", "chroma")
 TRISTATE = ("auto", "on", "off")
@@ -87,7 +87,7 @@ class RunConfig:
     max_steps: int = 0  # 0: epochs * steps_per_epoch; else stop after this many optimizer steps
     stages: str = "joint"  # joint | staged (stage 1 only, then stage 2 only, then both: see stage_split)
     stage_split: tuple[float, ...] = (0.4, 0.4)  # staged: fractions of all steps for stage 1 and stage 2; rest joint
-    precision: str = "auto"  # auto: bf16 on GPUs that have it, else fp16 + GradScaler; fp32 on CPU
+    precision: str = "auto"  # auto: bf16 on GPUs with native bf16, else fp16 + GradScaler; fp32 on CPU
     channels_last: bool = True
     compile: str = "auto"  # auto: on for CUDA runs of at least compile_min_steps steps, off on CPU
     # torch.compile of both stages took ~290 s on an H100 and saved 64 ms per batch-16 step: it paid back after

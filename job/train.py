@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from job import checkpoint as ckpt
 from job import dist
 from job.config import Config, ConfigError, parse_overrides
+from restore import precision as precision_rule
 from restore.compile_cache import CompileCache, counts as compile_counts, folder_for
 from restore.losses import Stage1Loss, Stage2Loss
 from restore.model import CHECKPOINT_FORMAT, ModelSpec, build_model
@@ -118,14 +119,12 @@ def plan_data(shards_dir: Path, cfg: Config, rank: int, world: int) -> DataPlan:
 
 # ---------------------------------------------------------------------------------------------------- the step
 def resolve_precision(name: str, device: torch.device) -> str:
-    """``auto``: bf16 on GPUs that support it, else fp16 (with GradScaler); fp32 on CPU."""
-    if name == "auto":
-        if device.type != "cuda":
-            return "fp32"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if name == "fp16" and device.type != "cuda":
-        raise ConfigError("precision=fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
-    return name
+    """The job's precision: ``restore.precision``'s rule, shared with inference (``auto``: bf16 on GPUs with native
+    bf16, else fp16 with a GradScaler; fp32 on CPU)."""
+    try:
+        return precision_rule.resolve_for(name, device)
+    except precision_rule.PrecisionError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def resolve_compile(setting: str, device: torch.device, total_steps: int, min_steps: int) -> bool:
@@ -145,7 +144,7 @@ def compile_cache_dir(setting: str, run_dir: Path) -> Path | None:
 NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False}
                           if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
                           else {"broadcast_buffers": False})
-AUTOCAST_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+AUTOCAST_DTYPE = {name: precision_rule.autocast_dtype(name) for name in ("bf16", "fp16", "fp32")}
 
 
 def phases(cfg: Config, total_steps: int) -> list[tuple[str, int, int]]:

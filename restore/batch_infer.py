@@ -325,17 +325,9 @@ def _read_images(item: dict) -> Iterator[dict]:
 # batch shape (the last, short batch is padded) so the model compiles once per image size; "reduce-overhead" adds
 # CUDA graphs on top of that.
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
-PRECISIONS = ("auto", "bf16", "fp32")  # auto: bf16 on a GPU with native bf16 (Ampere and later), else fp32
-
 # cuDNN's autotuner searches kernels anew for every input shape: worth it for a shape that recurs (a packed split of
 # one size), wasted on a folder of photos that all differ. So an engine turns it on for a shape's third call.
 BENCHMARK_AFTER_CALLS = 3
-
-
-def runs_bf16(precision: str, cuda: bool, native_bf16: bool) -> bool:
-    """Whether an engine runs bf16 autocast: asked for, or ``auto`` on a GPU whose tensor cores do bf16. Before
-    Ampere (T4, V100) bf16 is emulated, slower than fp32 or refused by cuDNN, so ``auto`` stays fp32 there."""
-    return precision == "bf16" or (precision == "auto" and cuda and native_bf16)
 
 
 class Engine:
@@ -352,8 +344,8 @@ class Engine:
     of ``restore.compile_cache`` files that a compiled engine loads before its first call and adds its graphs to
     after a call that compiled, so an actor started on another node loads them instead of compiling; its log lines
     collect in ``cache_log``. ``precision``: ``bf16`` runs the model under bf16 autocast with the convolutions'
-    weights held in bf16 (``bf16_weights``), ``fp32`` without autocast; ``auto`` is bf16 on a GPU with native bf16
-    (``runs_bf16``), else fp32.
+    weights held in bf16 (``bf16_weights``; fp16 likewise), ``fp32`` without autocast; ``auto`` follows
+    ``restore.precision``, the rule training uses too: bf16 on a GPU with native bf16, fp16 on older GPUs, fp32 on CPU.
     """
 
     def __init__(self, checkpoints: Sequence[str | os.PathLike], *, tta: bool = False, composite: bool = True,
@@ -368,8 +360,6 @@ class Engine:
 
         if compile not in COMPILE_MODES:
             raise ValueError(f"compile={compile!r}: must be one of {', '.join(COMPILE_MODES)}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision={precision!r}: must be one of {', '.join(PRECISIONS)}")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: must be >= 1")
         if compile != "off" and batch_size is None:
@@ -377,8 +367,10 @@ class Engine:
         self.torch = torch
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.cuda = self.device.type == "cuda"
-        self.bf16 = runs_bf16(precision, self.cuda,
-                              self.cuda and torch.cuda.is_bf16_supported(including_emulation=False))
+        from restore import precision as precision_rule
+
+        self.precision = precision_rule.resolve_for(precision, self.device)  # PrecisionError is a ValueError
+        self.autocast_dtype = precision_rule.autocast_dtype(self.precision)
         self.tta, self.composite = tta, composite
         self.batch_size, self.compile, self.cudnn_benchmark = batch_size, compile, cudnn_benchmark
         self.channels_last = channels_last
@@ -393,8 +385,8 @@ class Engine:
                 model, report = fuse_batchnorm(model, *restorer_probe())
                 self.fuse_reports.append(report)
             model = model.to(self.device)
-            if self.bf16 and bf16_weights:
-                _hold_conv_weights_in_bf16(model)
+            if self.autocast_dtype is not None and bf16_weights:
+                _hold_conv_weights_in(model, self.autocast_dtype)
             if channels_last:  # the fast path for bf16 on tensor cores, and for oneDNN on CPUs (1.2-1.35x there)
                 model = model.to(memory_format=torch.channels_last)
             model = model.eval()
@@ -465,7 +457,7 @@ class Engine:
         views = [False, True] if self.tta else [False]
         graphs = self.compile == "reduce-overhead"
         total = None
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
             for model in self.models:
                 for flip in views:
                     xi, mi = (x.flip(-1), m.flip(-1)) if flip else (x, m)
@@ -485,8 +477,8 @@ class Engine:
         return out.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
-def _hold_conv_weights_in_bf16(model) -> None:
-    """Casts every convolution's (and linear layer's) weight and bias to bf16, once.
+def _hold_conv_weights_in(model, dtype) -> None:
+    """Casts every convolution's (and linear layer's) weight and bias to the autocast ``dtype`` (bf16 or fp16), once.
 
     Under bf16 autocast these are the parameters autocast would cast on every call: two cast kernels per layer, about
     760 of the ~2,460 kernels of an eager call of 32 images on the two EfficientNet-B4 stages on an H100 (bench
@@ -498,7 +490,7 @@ def _hold_conv_weights_in_bf16(model) -> None:
 
     for layer in model.modules():
         if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-            layer.to(torch.bfloat16)
+            layer.to(dtype)
 
 
 class RestoreWorker:

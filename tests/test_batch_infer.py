@@ -366,16 +366,23 @@ def test_bf16_engine_holds_its_conv_weights_in_bf16_so_autocast_casts_none_per_c
     assert np.array_equal(held.restore(gray, mask), cast.restore(gray, mask))
     # bf16 is not the CPU's default: there the engine stays fp32, without autocast
     default = batch_infer.Engine([ckpt], device="cpu")
-    assert not default.bf16 and all(p.dtype == torch.float32 for p in default.models[0].parameters())
+    assert default.precision == "fp32" and all(p.dtype == torch.float32 for p in default.models[0].parameters())
     assert _parameter_casts(default, gray, mask) == 0
-    with pytest.raises(ValueError, match="precision='fp16': must be one of auto, bf16, fp32"):
+    with pytest.raises(ValueError, match="precision=fp16 needs a CUDA device"):
         batch_infer.Engine([ckpt], device="cpu", precision="fp16")
-    # auto: bf16 only on a GPU whose tensor cores do bf16 (Ampere and later); a T4 or V100 stays fp32
-    assert batch_infer.runs_bf16("auto", cuda=True, native_bf16=True)
-    assert not batch_infer.runs_bf16("auto", cuda=True, native_bf16=False)
-    assert not batch_infer.runs_bf16("auto", cuda=False, native_bf16=False)
-    assert batch_infer.runs_bf16("bf16", cuda=False, native_bf16=False)  # asked for: as on the CPU above
-    assert not batch_infer.runs_bf16("fp32", cuda=True, native_bf16=True)
+    with pytest.raises(ValueError, match="precision='half': must be one of auto, bf16, fp16, fp32"):
+        batch_infer.Engine([ckpt], device="cpu", precision="half")
+    # one rule for training and inference (restore.precision): auto is bf16 only on a GPU whose tensor cores do
+    # bf16 (Ampere and later), fp16 on a T4 or V100, fp32 on the CPU
+    from job.train import resolve_precision
+    from restore.precision import resolve
+
+    assert resolve("auto", "cuda", native_bf16=True) == "bf16"
+    assert resolve("auto", "cuda", native_bf16=False) == "fp16"
+    assert resolve("auto", "cpu", native_bf16=False) == "fp32"
+    assert resolve("bf16", "cpu", native_bf16=False) == "bf16"  # asked for: as on the CPU above
+    assert resolve("fp32", "cuda", native_bf16=True) == "fp32"
+    assert resolve_precision("auto", torch.device("cpu")) == default.precision == "fp32"
 
 
 def test_engine_rejects_bad_settings_and_tunes_cudnn_only_for_recurring_shapes(ckpt):
