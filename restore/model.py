@@ -17,8 +17,12 @@ import torch.nn.functional as F
 from segmentation_models_pytorch.decoders.unetplusplus.decoder import DecoderBlock as _SmpDecoderBlock
 from torch import nn
 
+from restore.prefill import PREFILLS, prefill
+
 CHECKPOINT_FORMAT = "restore-ckpt/1"
 COLOR_MODES = ("rgb", "chroma")
+# Keys added to ModelSpec after checkpoints were written, with the value that reproduces those older models.
+LEGACY_SPEC_DEFAULTS = {"prefill": "none"}
 # Inputs in [0, 1] are normalized inside the model, as the seed recipe did outside it: (x - 0.5) / 0.225.
 INPUT_MEAN = 0.5
 INPUT_STD = 0.225
@@ -44,6 +48,9 @@ class ModelSpec:
     cbam_reduction: int = 16
     cbam_kernel: int = 7
     color_mode: str = "rgb"
+    # Stage 1's starting image in the hole (restore.prefill): "harmonic" (classical fill, the network learns a
+    # correction) or "none" (the constant damage value, as checkpoints written before the prefill existed).
+    prefill: str = "harmonic"
 
     def __post_init__(self) -> None:
         if isinstance(self.decoder_channels, list):
@@ -71,6 +78,8 @@ class ModelSpec:
             problems.append(f"cbam_kernel must be an odd int >= 1, got {self.cbam_kernel!r}")
         if self.color_mode not in COLOR_MODES:
             problems.append(f"color_mode must be one of {COLOR_MODES}, got {self.color_mode!r}")
+        if self.prefill not in PREFILLS:
+            problems.append(f"prefill must be one of {PREFILLS}, got {self.prefill!r}")
         if problems:
             raise ValueError("invalid ModelSpec: " + "; ".join(problems))
 
@@ -85,7 +94,8 @@ class ModelSpec:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown ModelSpec keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        return cls(**d)
+        # A spec saved before a key existed describes the model as it was then, not today's default.
+        return cls(**{**LEGACY_SPEC_DEFAULTS, **d})
 
 
 def _known_encoder(name: Any) -> bool:
@@ -243,15 +253,27 @@ class _PaddedStage(nn.Module):
 
 
 class GrayInpainter(_PaddedStage):
-    """Stage 1: (gray, mask) -> gray with the hole filled; pixels outside the hole pass through bit for bit."""
+    """Stage 1: (gray, mask) -> gray with the hole filled; pixels outside the hole pass through bit for bit.
+
+    The hole is first filled classically (``spec.prefill``, ``restore.prefill``); the network sees that prefilled
+    image and the mask and adds a residual inside the hole. Its last layer starts at zero, so an untrained inpainter
+    returns the classical fill, and training learns only the correction.
+    """
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__(spec, in_channels=2, out_channels=1)
+        self.prefill = spec.prefill
+        if self.prefill != "none":
+            head = [m for m in self.net.segmentation_head.modules() if isinstance(m, nn.Conv2d)][-1]
+            nn.init.zeros_(head.weight)
+            if head.bias is not None:
+                nn.init.zeros_(head.bias)
 
     def forward(self, gray: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         mask = mask.to(gray.dtype)
-        residual = super().forward(torch.cat([gray, mask], dim=1)).to(gray.dtype)
-        filled = (gray + residual).clamp(0.0, 1.0)
+        start = prefill(self.prefill, gray, mask)
+        residual = super().forward(torch.cat([start, mask], dim=1)).to(gray.dtype)
+        filled = (start + residual).clamp(0.0, 1.0)
         # where() rather than gray*(1-mask) + filled*mask: exact outside the hole in any dtype, even if filled is NaN.
         return torch.where(mask > 0.5, filled, gray)
 

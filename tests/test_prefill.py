@@ -1,0 +1,83 @@
+"""Stage 1's classical prefill: what it fills, what it leaves alone, and that the untrained inpainter returns it."""
+from __future__ import annotations
+
+import dataclasses
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from skimage import data as skdata
+
+from restore.model import ModelSpec, build_model
+from restore.prefill import harmonic_fill, prefill
+from restore.score import score_image
+from shards import damage
+
+TINY = ModelSpec(encoder="tu-test_efficientnet", decoder_channels=(16, 8, 8, 8, 8), cbam=False)
+
+
+def _ramp_with_hole(h=64, w=80):
+    yy, xx = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+    ramp = (0.2 + 0.5 * xx / w + 0.2 * yy / h)[None, None]
+    mask = torch.zeros_like(ramp)
+    mask[..., 20:44, 30:60] = 1
+    return ramp, mask, torch.where(mask > 0, torch.full_like(ramp, 0.05), ramp)
+
+
+def test_harmonic_fill_recovers_a_linear_ramp_and_keeps_known_pixels():
+    ramp, mask, damaged = _ramp_with_hole()
+    out = harmonic_fill(damaged, mask)
+    # A linear function solves Laplace's equation: the harmonic fill of its border is the function itself.
+    assert (out - ramp)[mask > 0].abs().max() < 0.005
+    assert torch.equal(out[mask == 0], damaged[mask == 0])
+    # More sweeps converge further (the default trades a little accuracy for speed).
+    assert (harmonic_fill(damaged, mask, sweeps=50) - ramp).abs().max() < (out - ramp).abs().max()
+
+
+def test_harmonic_fill_edge_cases_and_dtypes():
+    ramp, mask, damaged = _ramp_with_hole(33, 17)  # odd sizes: the pyramid keeps the last row and column
+    assert torch.equal(harmonic_fill(damaged, torch.zeros_like(mask)), damaged)  # no hole: untouched
+    full = harmonic_fill(damaged, torch.ones_like(mask))
+    assert torch.allclose(full, torch.full_like(full, 0.5))  # nothing to interpolate from
+    half = harmonic_fill(damaged.to(torch.bfloat16), mask)
+    assert half.dtype == torch.bfloat16 and torch.equal(half[mask == 0], damaged.to(torch.bfloat16)[mask == 0])
+    assert torch.equal(prefill("none", damaged, mask), damaged)
+    with pytest.raises(ValueError, match="prefill='telea': must be one of none, harmonic"):
+        prefill("telea", damaged, mask)
+
+
+def test_harmonic_fill_is_at_least_as_good_as_telea_on_real_photo_holes():
+    rng = np.random.default_rng(3)
+    ours, telea = [], []
+    for name in ("astronaut", "coffee", "chelsea"):
+        gt = damage.to_gray(np.ascontiguousarray(getattr(skdata, name)()[:256, :256, :3]))
+        for _ in range(3):
+            mask, _ = damage.random_mask(rng, 256, 256, area_range=(0.02, 0.1))
+            damaged = damage.apply_damage(gt, mask, damage.random_fill(rng))
+            gt3 = np.repeat(gt[..., None], 3, -1)
+            g = torch.from_numpy(damaged).float()[None, None] / 255
+            fill = (harmonic_fill(g, torch.from_numpy(mask).float()[None, None])[0, 0] * 255).round().byte().numpy()
+            ours.append(score_image(gt3, np.repeat(fill[..., None], 3, -1), mask)["masked_ssim"])
+            t = cv2.inpaint(damaged, mask.astype(np.uint8) * 255, 5, cv2.INPAINT_TELEA)
+            telea.append(score_image(gt3, np.repeat(t[..., None], 3, -1), mask)["masked_ssim"])
+    assert np.mean(ours) >= np.mean(telea)
+
+
+def test_untrained_inpainter_returns_the_prefill_and_old_specs_keep_no_prefill():
+    ramp, mask, damaged = _ramp_with_hole()
+    torch.manual_seed(0)
+    model = build_model(TINY).eval()
+    with torch.no_grad():
+        out = model.inpaint(damaged, mask)
+    assert torch.equal(out, harmonic_fill(damaged, mask))  # the residual head starts at zero
+    # A checkpoint's spec written before the prefill existed rebuilds the model it was: no prefill.
+    old = {k: v for k, v in TINY.to_dict().items() if k != "prefill"}
+    assert ModelSpec.from_dict(old).prefill == "none"
+    assert ModelSpec.from_dict(TINY.to_dict()).prefill == "harmonic"
+    torch.manual_seed(0)
+    legacy = build_model(dataclasses.replace(TINY, prefill="none")).eval()
+    with torch.no_grad():
+        assert not torch.equal(legacy.inpaint(damaged, mask), harmonic_fill(damaged, mask))
+    with pytest.raises(ValueError, match="prefill must be one of"):
+        ModelSpec(prefill="telea")
