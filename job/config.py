@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping
 
 from restore import compile_cache
 from restore.precision import PRECISIONS
+from restore.prefill import PREFILLS
 
 STAGES = ("joint", "staged")
 COLOR_MODES = ("rgb", "chroma")
@@ -39,6 +40,7 @@ class DataConfig:
     fill_min: int = 0  # gray fill value range of generated holes (real data: 0..100)
     fill_max: int = 100
     hflip: bool = True
+    zoom_max: float = 1.0  # scale augmentation: crop windows up to this many times crop_size, shrunk to crop_size
     fold: int = 0  # with no val/ split: which fold of train is held out for validation
     num_folds: int = 5
     fold_seed: int = 0  # seed of the fold assignment (kept apart from `seed` so folds stay put across seeds)
@@ -54,6 +56,7 @@ class ModelConfig:
     decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
     cbam: bool = True
     color_mode: str = "rgb"
+    prefill: str = "harmonic"  # stage 1 starts from a classical fill of the hole (restore.prefill); none: from the fill
 
 
 @dataclass
@@ -246,6 +249,8 @@ def validate(cfg: Config) -> None:
     need(bool(m.encoder), "encoder: must not be empty")
     need(len(m.decoder_channels) >= 1 and all(c > 0 for c in m.decoder_channels),
          f"decoder_channels={m.decoder_channels}: must be positive integers")
+    need(m.prefill in PREFILLS, f"prefill={m.prefill!r}: must be one of {', '.join(PREFILLS)}")
+    need(d.zoom_max >= 1.0, f"zoom_max={d.zoom_max}: must be >= 1 (1 = plain crops)")
     need(m.color_mode in COLOR_MODES, f"color_mode={m.color_mode!r}: must be one of {', '.join(COLOR_MODES)}")
     need(o.lr > 0, f"lr={o.lr}: must be > 0")
     need(o.gan_lr > 0, f"gan_lr={o.gan_lr}: must be > 0")

@@ -493,7 +493,7 @@ class Trainer:
         d = self.cfg.data
         augment = pipeline.Augment(crop_size=d.crop_size, remask_prob=d.remask_prob,
                                    hole_range=(d.hole_min, d.hole_max), fill_range=(d.fill_min, d.fill_max),
-                                   hflip=d.hflip)
+                                   hflip=d.hflip, zoom_max=d.zoom_max)
         ds = pipeline.TrainBatches(self.plan.train_urls, augment=augment, batch_size=d.batch_size,
                                    seed=self.cfg.run.seed, epoch=epoch, rank=self.env.rank, start=start, steps=steps,
                                    keep=self.plan.train_keep, shuffle_buffer=d.shuffle_buffer)
@@ -677,7 +677,8 @@ def model_spec(cfg: Config) -> ModelSpec:
     m = cfg.model
     decoder = tuple(m.decoder_channels)
     return ModelSpec(encoder=m.encoder, encoder_weights=m.encoder_weights, decoder_channels=decoder,
-                     encoder_depth=len(decoder), cbam=m.cbam, color_mode=m.color_mode)
+                     encoder_depth=len(decoder), cbam=m.cbam, color_mode=m.color_mode,
+                     prefill=m.prefill)
 
 
 def main(argv: list[str] | None = None) -> int:

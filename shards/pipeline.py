@@ -9,8 +9,9 @@ is seeded by (seed, epoch, rank, lane) and each sample's augmentation by (seed, 
 Nothing depends on wall time or process ids, so resuming at step ``s`` rebuilds the same batches: each lane skips
 its first samples without decoding them. Resuming exactly needs the same world size and ``num_workers``.
 
-Augmentation: horizontal flip, random crop to ``crop_size``, and re-masking: with ``remask_prob`` the stored hole is
-replaced by a fresh one from ``shards.damage`` drawn on the ground truth's gray, so every epoch sees new holes.
+Augmentation: horizontal flip, random crop to ``crop_size`` (optionally zoomed out: a window up to ``zoom_max`` times
+larger, shrunk to ``crop_size``), and re-masking: with ``remask_prob`` the stored hole is replaced by a fresh one from
+``shards.damage`` drawn on the ground truth's gray, so every epoch sees new holes.
 
 Validation. The fixed shards are split by node then by worker (``islice``), so each sample is read exactly once
 across all ranks and workers; the stored inputs and masks are used as they are. ``check_val_shards`` refuses (with a
@@ -60,6 +61,11 @@ class Augment:
     hole_range: tuple[float, float] = (0.01, 0.15)
     fill_range: tuple[int, int] = (0, 100)
     hflip: bool = True
+    # Scale augmentation of re-masked samples: the window cut from the image is up to zoom_max times crop_size on a
+    # side (log-uniform, never beyond the image), then shrunk to crop_size. 1.0: plain crops at the stored scale.
+    # Small crops of a large image show only texture; zoomed-out ones show the layout (sky above, ground below) that
+    # colors depend on, the view a full image gives at inference.
+    zoom_max: float = 1.0
 
     def __call__(self, raw: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """Raw webdataset sample -> uint8 ``input`` [c,c], ``mask`` [c,c] (1 = hole), ``gt`` [c,c,3], ``gt_gray``."""
@@ -79,9 +85,13 @@ class Augment:
         c = self.crop_size
         if h < c or w < c:
             raise ValueError(f"{where}: image {h}x{w} is smaller than crop_size {c}")
-        top, left = int(rng.integers(0, h - c + 1)), int(rng.integers(0, w - c + 1))
+        side = c
+        if remask and self.zoom_max > 1.0:  # a stored hole's hard edge would be blurred by the resize: plain crops
+            most = min(self.zoom_max, min(h, w) / c)
+            side = int(round(c * math.exp(rng.uniform(0.0, math.log(most))))) if most > 1.0 else c
+        top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
         flip = self.hflip and rng.random() < 0.5
-        win = (slice(top, top + c), slice(left, left + c, None))
+        win = (slice(top, top + side), slice(left, left + side, None))
 
         def view(a: np.ndarray) -> np.ndarray:
             a = a[win]
@@ -91,6 +101,8 @@ class Augment:
             return cv2.flip(a.view(np.uint8), 1).view(a.dtype)
 
         gt = view(gt)
+        if side != c:
+            gt = cv2.resize(gt, (c, c), interpolation=cv2.INTER_AREA)
         gt_gray = to_gray(gt)
         if remask:
             mask, _ = random_mask(rng, c, c, area_range=self.hole_range)

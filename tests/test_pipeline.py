@@ -140,3 +140,36 @@ def test_offset_crops_and_flips_are_exact_views_of_the_stored_images(tiny_shards
             want = want[:, ::-1] if flip else want
             assert np.array_equal(out[name], want) and out[name].flags["C_CONTIGUOUS"], (seed, name)
     assert 0 < flips < 12  # both branches ran
+
+
+def test_zoomed_out_windows_are_shrunk_views_of_the_whole_image(tiny_shards):
+    import cv2
+    import webdataset as wds
+
+    raw = next(iter(wds.DataPipeline(wds.SimpleShardList([str(shard_paths(tiny_shards / "train")[0])]),
+                                     wds.tarfile_to_samples())))
+    stored = next(iter_samples(shard_paths(tiny_shards / "train")))
+    augment = pipeline.Augment(crop_size=32, remask_prob=1.0, zoom_max=2.0, hflip=False)
+    sides = set()
+    for seed in range(12):
+        out = augment(raw, np.random.default_rng(seed))
+        rng = np.random.default_rng(seed)  # replay the draws: remask?, the window's side, top, left
+        rng.random()
+        side = int(round(32 * np.exp(rng.uniform(0.0, np.log(2.0)))))
+        top, left = int(rng.integers(0, 64 - side + 1)), int(rng.integers(0, 64 - side + 1))
+        sides.add(side)
+        want = stored.gt[top:top + side, left:left + side]
+        want = cv2.resize(want, (32, 32), interpolation=cv2.INTER_AREA) if side != 32 else want
+        assert np.array_equal(out["gt"], want), seed
+        assert out["input"].shape == out["mask"].shape == (32, 32)
+        mask = out["mask"].astype(bool)
+        assert mask.any() and np.array_equal(out["input"][~mask], to_gray(out["gt"])[~mask])  # a fresh hole
+    assert len(sides) > 3 and max(sides) > 48  # windows of many sizes, up to twice the crop
+    # zoom_max=1 (the default) draws nothing more: remask?, top, left, flip as before, so existing runs are unchanged
+    rng = np.random.default_rng(5)
+    rng.random()
+    top, left = int(rng.integers(0, 64 - 32 + 1)), int(rng.integers(0, 64 - 32 + 1))
+    flip = rng.random() < 0.5
+    want = stored.gt[top:top + 32, left:left + 32]
+    out = pipeline.Augment(crop_size=32, remask_prob=1.0)(raw, np.random.default_rng(5))["gt"]
+    assert np.array_equal(out, want[:, ::-1] if flip else want)
