@@ -2,7 +2,8 @@
 
     python -m shards.pack dacon DATA_ROOT OUT_DIR [--shard-size N] [--workers W] [--skip-bad] [--splits train,test]
     python -m shards.pack photos PHOTO_DIR OUT_DIR --seed S [--size 512] [--resize-mode crop|resize]
-                                 [--val-fraction F] [--fill-range 0,100] [--area-range 0.01,0.15]
+                                 [--val-fraction F | --val-dir VAL_PHOTO_DIR] [--fill-range 0,100]
+                                 [--area-range 0.01,0.15]
 
 Output: ``OUT_DIR/<split>/<split>-000000.tar`` ... and ``OUT_DIR/<split>/manifest.json`` (docs/architecture.md).
 
@@ -478,16 +479,21 @@ def choose_val(keys: Sequence[str], fraction: float, seed: int) -> set[str]:
 
 
 def plan_photos(photo_dir: Path, *, seed: int, size: int, resize_mode: str, val_fraction: float,
-                fill_range: tuple[int, int], area_range: tuple[float, float]) -> list[SplitPlan]:
-    photos = list_photos(photo_dir)
-    photos.sort(key=lambda p: (tar_safe_key(p.stem), p.relative_to(photo_dir).as_posix()))
-    keys = unique_keys([p.stem for p in photos])
-    val = choose_val(keys, val_fraction, seed)
+                fill_range: tuple[int, int], area_range: tuple[float, float],
+                val_dir: Path | None = None) -> list[SplitPlan]:
+    """Items of ``photo_dir`` (train, and val by ``val_fraction``), or with ``val_dir`` every photo there as val: held
+    out by photo, so validation never scores another crop of a photo it trained on."""
+    sources = [(p, photo_dir, "train") for p in list_photos(photo_dir)]
+    if val_dir is not None:
+        sources += [(p, val_dir, "val") for p in list_photos(val_dir)]
+    sources.sort(key=lambda s: (tar_safe_key(s[0].stem), s[2], s[0].relative_to(s[1]).as_posix()))
+    keys = unique_keys([p.stem for p, _, _ in sources])
+    val = choose_val(keys, val_fraction, seed) if val_dir is None else set()
     params = (int(seed), int(size), resize_mode, tuple(fill_range), tuple(area_range))
     by_split: dict[str, list[Item]] = {"train": [], "val": []}
-    for key, path in zip(keys, photos):
-        rel = path.relative_to(photo_dir).as_posix()
-        split = "val" if key in val else "train"
+    for key, (path, root, split) in zip(keys, sources):
+        rel = path.relative_to(root).as_posix()
+        split = "val" if key in val else split
         by_split[split].append(Item(split=split, key=key, kind="photo", input_path=str(path),
                                     source_input=rel, source_gt=rel, params=params))
     return [SplitPlan(s, sorted(items, key=lambda it: it.key)) for s, items in by_split.items() if items]
@@ -543,6 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     photos.add_argument("--resize-mode", choices=("crop", "resize"), default="crop",
                         help="crop: center square then resize (default); resize: squash the whole photo")
     photos.add_argument("--val-fraction", type=float, default=0.0, help="fraction of photos in val/ (default 0)")
+    photos.add_argument("--val-dir", type=Path, default=None,
+                        help="a folder of other photos that make up val/ (held out by photo; not with --val-fraction)")
     photos.add_argument("--fill-range", type=lambda t: _pair(t, int), default=(0, 100),
                         help="LO,HI gray value of the damage, inclusive (default 0,100)")
     photos.add_argument("--area-range", type=lambda t: _pair(t, float), default=(0.01, 0.15),
@@ -574,6 +582,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error(f"--size must be >= 8, got {args.size}")
             if not 0 <= args.val_fraction < 1:
                 parser.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+            if args.val_dir is not None and args.val_fraction:
+                parser.error("--val-dir and --val-fraction both choose val/: give one")
             if not 0 <= args.fill_range[0] <= args.fill_range[1] <= 255:
                 parser.error(f"--fill-range must lie in 0..255, got {args.fill_range}")
             if not 0 < args.area_range[0] <= args.area_range[1] < 1:
@@ -581,9 +591,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             root = args.photo_dir.absolute()
             plans = plan_photos(root, seed=args.seed, size=args.size, resize_mode=args.resize_mode,
                                 val_fraction=args.val_fraction, fill_range=args.fill_range,
-                                area_range=args.area_range)
+                                area_range=args.area_range,
+                                val_dir=args.val_dir.absolute() if args.val_dir is not None else None)
             source = {"kind": "photos", "root": str(root), "seed": args.seed, "size": args.size,
                       "resize_mode": args.resize_mode, "val_fraction": args.val_fraction,
+                      "val_dir": str(args.val_dir.absolute()) if args.val_dir is not None else None,
                       "fill_range": list(args.fill_range), "area_range": list(args.area_range)}
         owned = splits if args.mode == "dacon" else ("train", "val")
         manifests = write_output(args.out_dir, plans, shard_size=args.shard_size, workers=args.workers,

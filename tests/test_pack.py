@@ -187,6 +187,26 @@ def test_photos_resize_mode_keeps_the_whole_photo(tmp_path):
         assert bool((gt[:, 2] == (250, 0, 0)).all()) == red, mode
 
 
+def test_photos_val_dir_holds_out_whole_photos(photo_dir, tmp_path):
+    train_photos, val_photos = tmp_path / "train_photos", tmp_path / "val_photos"
+    files = sorted(photo_dir.iterdir())
+    train_photos.mkdir()
+    val_photos.mkdir()
+    for i, f in enumerate(files):
+        shutil.copy(f, (val_photos if i < 3 else train_photos) / f.name)
+    out = tmp_path / "out"
+    result = run_cli(["shards.pack", "photos", train_photos, out, "--seed", 0, "--size", 32, "--val-dir", val_photos])
+    assert result.returncode == 0, result.stderr
+    val, train = read_tar_samples(out / "val"), read_tar_samples(out / "train")
+    assert sorted(val) == sorted(tar_safe_key(f.stem) for f in files[:3])
+    assert sorted(train) == sorted(tar_safe_key(f.stem) for f in files[3:])
+    assert json.loads((out / "val" / "manifest.json").read_text())["source"]["val_dir"] == str(val_photos)
+    both = run_cli(["shards.pack", "photos", train_photos, tmp_path / "o2", "--seed", 0, "--val-dir", val_photos,
+                    "--val-fraction", 0.2])
+    assert both.returncode == 2 and "--val-dir and --val-fraction both choose val/" in both.stderr
+    assert not (tmp_path / "o2").exists()
+
+
 # ------------------------------------------------------------------------------------------------------- dacon mode
 def test_dacon_round_trip_exact_and_detected_masks(tiny_dacon_root, tiny_dacon_truth, tiny_dacon_shards):
     import webdataset as wds
