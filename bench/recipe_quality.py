@@ -48,12 +48,9 @@ def default_lr(args) -> float:
 
 
 def pack_demo_shards(root: Path, crops_per_photo: int) -> Path:
-    from launch.demo import pack_command, write_demo_photos
+    from launch.demo import write_demo_shards
 
-    photos = write_demo_photos(root / "photos", crops_per_photo, seed=0)
-    subprocess.run(pack_command(root / "photos", root / "shards", len(photos), seed=0), check=True,
-                   capture_output=True, cwd=ROOT)
-    return root / "shards"
+    return write_demo_shards(root, crops_per_photo, seed=0)
 
 
 def train(name: str, args, shards: Path, run_dir: Path, nproc: int) -> dict:

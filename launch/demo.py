@@ -2,11 +2,11 @@
 
     python -m launch.demo [--out demo_out] [--gpus N]
 
-photos that ship with scikit-image -> crops with DACON-style damage packed into WebDataset shards
-(``python -m shards.pack photos``) -> both stages trained briefly by the real DDP job under torchrun
-(``python -m job.train``; CPU: 2 gloo ranks, GPU: one rank per GPU) -> Ray batch inference
-(``python -m restore.batch_infer``) -> a submission zip -> its DACON score (``python -m restore.score``) next to two
-baselines scored the same way -> a picture grid (damaged input | stage 1 | final color | ground truth).
+photos that ship with scikit-image, scikit-learn and matplotlib (``shards.sample_photos``) -> crops with DACON-style
+damage packed into WebDataset shards (``python -m shards.pack photos``; two photos held out whole for validation)
+-> both stages trained briefly by the real DDP job under torchrun (``python -m job.train``; CPU: 2 gloo ranks, GPU:
+one rank per GPU) -> Ray batch inference (``python -m restore.batch_infer``) -> a submission zip -> its DACON score
+(``python -m restore.score``) next to two baselines scored the same way -> a picture grid (damaged input | stage 1 | final color | ground truth).
 
 Every stage runs the project's real command line in a subprocess, so the demo exercises what users run.
 """
@@ -19,51 +19,55 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
-# Photos that ship inside scikit-image (no download). Held-out crops come from the same photos but carry fresh
-# damage and other framing; the point is a quick, honest check that training learns, not a benchmark.
-SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle", "immunohistochemistry",
-                  "hubble_deep_field", "retina")
+# The demo trains on these bundled photos (shards.sample_photos: scikit-image, scikit-learn, matplotlib; no download)
+# and validates on other photos, never on other crops of a training photo.
+TRAIN_PHOTOS = ("astronaut", "rocket", "motorcycle", "china", "flower", "grace_hopper")
+VAL_PHOTOS = ("chelsea", "coffee")
 
 
-def skimage_photo(name: str) -> np.ndarray:
-    import skimage.data
+def write_photo_crops(out_dir: Path, names: Sequence[str], crops_per_photo: int, seed: int) -> list[Path]:
+    """Random square crops (40-100% of the short side, half mirrored) of each named bundled photo, as PNG."""
+    from shards.sample_photos import load_photo, random_square_crops
 
-    image = getattr(skimage.data, name)()
-    if isinstance(image, tuple):  # stereo_motorcycle returns (left, right, disparity)
-        image = image[0]
-    return np.ascontiguousarray(image[..., :3])
-
-
-def write_demo_photos(out_dir: Path, crops_per_photo: int, seed: int) -> list[Path]:
-    """Random square crops (40-100% of the short side) of each bundled photo, saved as PNG."""
-    rng = np.random.default_rng(seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name in SKIMAGE_PHOTOS:
-        image = skimage_photo(name)
-        height, width = image.shape[:2]
-        for index in range(crops_per_photo):
-            side = int(min(height, width) * rng.uniform(0.4, 1.0))
-            top = int(rng.integers(0, height - side + 1))
-            left = int(rng.integers(0, width - side + 1))
-            crop = image[top:top + side, left:left + side]
-            if rng.random() < 0.5:
-                crop = crop[:, ::-1]
-            path = out_dir / f"{name}_{index:02d}.png"
-            Image.fromarray(np.ascontiguousarray(crop)).save(path)
+    for index, name in enumerate(names):
+        rng = np.random.default_rng([seed, index])
+        for number, crop in enumerate(random_square_crops(load_photo(name), crops_per_photo, rng)):
+            path = out_dir / f"{name}_{number:02d}.png"
+            Image.fromarray(crop).save(path)
             written.append(path)
     return written
 
 
-def pack_command(photo_dir: Path, shards_dir: Path, n_photos: int, seed: int) -> list[str]:
-    """``python -m shards.pack photos`` for the demo's crops at 512 px, a fifth held out for validation."""
-    # Several shards per split, so that each of the 2 ranks gets its own validation shards.
-    return [sys.executable, "-m", "shards.pack", "photos", str(photo_dir), str(shards_dir), "--seed", str(seed),
-            "--size", "512", "--val-fraction", "0.2", "--shard-size", str(max(1, n_photos // 16))]
+def write_extra_photos(out_dir: Path, folders: Sequence[Path], crops_per_photo: int, seed: int) -> list[Path]:
+    """The same crops of every photo in ``folders`` (any format Pillow reads, searched recursively)."""
+    from shards.pack import list_photos
+    from shards.sample_photos import random_square_crops
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for folder_index, folder in enumerate(folders):
+        for index, path in enumerate(list_photos(Path(folder))):
+            with Image.open(path) as img:
+                image = np.asarray(img.convert("RGB"))
+            rng = np.random.default_rng([seed, 1000 + folder_index, index])
+            for number, crop in enumerate(random_square_crops(image, crops_per_photo, rng)):
+                target = out_dir / f"extra{folder_index}_{path.stem}_{number:02d}.png"
+                Image.fromarray(crop).save(target)
+                written.append(target)
+    return written
+
+
+def pack_command(train_dir: Path, val_dir: Path, shards_dir: Path, n_photos: int, seed: int) -> list[str]:
+    """``python -m shards.pack photos`` for the demo's crops at 512 px, the validation photos held out whole."""
+    return [sys.executable, "-m", "shards.pack", "photos", str(train_dir), str(shards_dir), "--seed", str(seed),
+            "--size", "512", "--val-dir", str(val_dir), "--shard-size", str(max(1, n_photos // 16))]
 
 
 def run(cmd: list[str], log: Path, env: dict | None = None) -> None:
@@ -135,6 +139,33 @@ def gpu_batch(gpu_memory_gib: float) -> tuple[int, float]:
     return (16, 2e-4) if gpu_memory_gib >= 32 else (8, 1e-4)
 
 
+def write_demo_shards(out: Path, crops_per_photo: int, seed: int, extra_photos: Sequence[Path] = (),
+                      log: Path | None = None) -> Path:
+    """The demo's data: crops of the bundled training photos (+ ``extra_photos`` folders) in ``train/``, crops of
+    the held-out photos in ``val/``, packed with DACON-style damage at 512 px into ``out/shards``."""
+    train = write_photo_crops(out / "photos" / "train", TRAIN_PHOTOS, crops_per_photo, seed)
+    train += write_extra_photos(out / "photos" / "train", extra_photos, crops_per_photo, seed)
+    val = write_photo_crops(out / "photos" / "val", VAL_PHOTOS, crops_per_photo, seed)
+    print(f"demo: {len(train)} training crops of {len(TRAIN_PHOTOS)} bundled photos"
+          + (f" and the photos in {', '.join(map(str, extra_photos))}" if extra_photos else "")
+          + f", {len(val)} validation crops of {len(VAL_PHOTOS)} other photos ({', '.join(VAL_PHOTOS)}), in "
+          f"{out / 'photos'}", flush=True)
+    shards_dir = out / "shards"
+    cmd = pack_command(out / "photos" / "train", out / "photos" / "val", shards_dir, len(train) + len(val), seed)
+    if log is None:
+        subprocess.run(cmd, check=True, capture_output=True)
+    else:
+        run(cmd, log)
+    return shards_dir
+
+
+# The CPU recipe (2 gloo ranks, a couple of minutes): small crops, a light encoder and decoder, lr raised for the
+# short run. zoom_max=4 shows the 128 px crops from plain crops up to the whole 512 px image shrunk, so the model
+# also learns the layouts it sees at inference (bench/quality.py measures each choice).
+CPU_RECIPE = ("batch_size=4", "crop_size=128", "zoom_max=4", "num_workers=1", "precision=fp32", "lr=1e-3",
+              "decoder_channels=64,32,16,16,8", "warmup_steps=20", "log_every=20")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -143,7 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: 240 on CPU, 1000 on GPU)")
     parser.add_argument("--encoder", default=None, help="encoder (default: tu-mobilenetv3_small_050 on CPU, efficientnet-b4 on GPU)")
     parser.add_argument("--crops-per-photo", type=int, default=8)
+    parser.add_argument("--extra-photos", type=Path, action="append", default=[],
+                        help="a folder of more training photos (repeatable; bench/quality.py's larger recipe)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("overrides", nargs="*", help="key=value training options after the demo's own (job.train)")
     args = parser.parse_args(argv)
 
     out: Path = args.out.resolve()
@@ -154,11 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     on_gpu = args.gpus > 0
     started = time.time()
 
-    photos = write_demo_photos(out / "photos", args.crops_per_photo, args.seed)
-    print(f"demo: wrote {len(photos)} photo crops from scikit-image's bundled photos to {out / 'photos'}")
-
-    shards_dir = out / "shards"
-    run(pack_command(out / "photos", shards_dir, len(photos), args.seed), log)
+    shards_dir = write_demo_shards(out, args.crops_per_photo, args.seed, args.extra_photos, log=log)
 
     run_dir = out / "run"
     steps = args.steps or (1000 if on_gpu else 240)
@@ -174,10 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo: {memory_gib:.0f} GiB per GPU: batch_size={batch} lr={lr:g}")
         overrides += [f"batch_size={batch}", f"lr={lr:g}", "crop_size=512", "num_workers=4"]
     else:
-        # Small crops and a light decoder keep CPU training to a couple of minutes; lr raised for the short run.
         nproc = 2
-        overrides += ["batch_size=4", "crop_size=128", "num_workers=1", "precision=fp32", "lr=1e-3",
-                      "decoder_channels=64,32,16,16,8", "warmup_steps=20", "log_every=20"]
+        overrides += list(CPU_RECIPE)
+    overrides += args.overrides
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run([py, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "job.train",
          "--shards", str(shards_dir), "--out", str(run_dir), *overrides], log, env=env)

@@ -218,3 +218,28 @@ def test_op_profile_sums_kernels_alone_and_keeps_cupti_overhead_apart(monkeypatc
     assert [row["op"] for row in summary["top"]] == ["aten::cudnn_convolution", "sm90_conv_kernel", "aten::cat",
                                                      "CatArrayBatchedCopy"]
     assert summary["top"][1]["share"] == pytest.approx(600 / 900)
+
+
+@pytest.mark.dist
+def test_quality_tiny_scores_each_model_beside_the_three_baselines(tmp_path):
+    from PIL import Image
+
+    from shards.sample_photos import load_photo
+
+    held = tmp_path / "held"
+    held.mkdir()
+    for name in ("hubble_deep_field", "retina"):  # not among the demo's training photos
+        Image.fromarray(load_photo(name)).save(held / f"{name}.png")
+    res = bench("quality.py", "--tiny", "--held-dir", held, "--work", tmp_path / "work", "--recipes", "demo",
+                "--variant", "noprefill=demo:prefill=none", "--json", tmp_path / "q.json")
+    out = json.loads((tmp_path / "q.json").read_text())
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == out
+    assert out["held"]["crops"] == 4  # two crops of each held-out photo
+    assert list(out["scores"]) == ["gray copy", "OpenCV Telea fill, gray", "harmonic fill (stage 1's start), gray",
+                                   "demo", "noprefill"]
+    for s in out["scores"].values():
+        assert s["n"] == 4 and 0 <= s["score"] <= 1
+    assert [m["overrides"] for m in out["models"]] == [[], ["prefill=none"]]
+    cfg = json.loads((tmp_path / "work" / "noprefill" / "run" / "config.json").read_text())
+    assert cfg["model"]["prefill"] == "none"
+    assert "gray copy" in res.stdout and (tmp_path / "work" / "quality_grid.png").is_file()

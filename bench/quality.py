@@ -1,0 +1,255 @@
+"""What the restored photos are worth on real photos no model here trained on: the model vs gray copy vs classical
+inpainting, per DACON score term, side by side in one run.
+
+    python bench/quality.py                                   # the demo recipe and the quality recipe (~25 min, 2 cores)
+    python bench/quality.py --recipes demo --variant noprefill=demo:prefill=none     # what one design choice adds
+    python bench/quality.py --tiny --held-dir DIR             # CPU smoke (tests): a tiny model, 2 steps, 64 px
+
+Held-out photos: real photographs from Debian's wallpaper packages ``lomiri-wallpapers-16.04`` (13 photos by Ubuntu
+contest photographers; two abstract renders left out) and ``lomiri-wallpapers-20.04`` (one photo), fetched by this
+script with ``apt-get download`` + ``dpkg-deb -x`` into ``--cache`` (default ``~/.cache/restore-bench``) the first
+time; ``--held-dir`` takes any folder of photos instead. Each photo gives two 512x512 crops (the whole short side,
+and a 60% window), packed with DACON-style damage (``shards.pack photos``, seed 11): different photos from every
+training photo, not other crops of them.
+
+Recipes (each trains with the real job under torchrun, 2 gloo ranks, the demo's CPU recipe ``launch.demo.CPU_RECIPE``):
+  demo     exactly ``python -m launch.demo``'s training: the bundled photos (``launch.demo.TRAIN_PHOTOS``), 240 steps
+  quality  the same recipe on the bundled photos plus the 12 nature photos of Debian's ``mate-backgrounds`` (also
+           fetched), 8 crops each, 1200 steps (~15 min on 2 cores)
+  --variant NAME=RECIPE:key=value,...  a recipe with job overrides (e.g. ``prefill=none``), to measure one choice
+
+Every model restores the held-out inputs through the inference engine (``Engine``: both stages, the known luminance
+re-imposed outside the hole), scored by ``restore.score`` beside three baselines: the gray input copied to RGB, OpenCV
+Telea inpainting (gray), and the harmonic fill stage 1 starts from (``restore.prefill``, gray). Prints a table, writes
+``WORK/quality.json`` and a picture (``WORK/quality_grid.png``: damaged | harmonic fill | each model | truth).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from report import emit  # noqa: E402  (bench/report.py, beside this script)
+
+# Debian packages and the photos in them (paths inside the package). Two of lomiri-16.04's files are renders.
+HELD_PACKAGES = {
+    "lomiri-wallpapers-16.04": [
+        "usr/share/backgrounds/" + n for n in (
+            "Bridge_by_Sander_Klootwijk.jpg", "Dragonfly_by_Bolly.jpg", "Picture_0B_by_freespace.jpg",
+            "Picture_1A_by_freespace.jpg", "Wine_by_Jakkub_Mede.jpg", "aitzgorri_by_Aitzol_Berasategi.jpg",
+            "free_by_Peter_Nerlich.jpg", "friends_by_Aitzol_Berasategi.jpg", "greentock_by_Peter_Nerlich.jpg",
+            "life_by_Aitzol_Berasategi.jpg", "picosdeeuropa_by_Aitzol_Berasategi.jpg",
+            "seeding_by_Clements_Engelhardt.jpg", "sunset_by_Aitzol_Berasategi.jpg")],
+    "lomiri-wallpapers-20.04": ["usr/share/backgrounds/Kleiber_by_Lukas_Baubkus.jpg"],
+}
+TRAIN_PACKAGES = {"mate-backgrounds": ["usr/share/backgrounds/mate/nature/"]}
+QUALITY_STEPS = 1200
+HELD_SEED = 11
+
+
+# ------------------------------------------------------------------------------------------------------ photos
+def fetch_packages(packages: dict[str, list[str]], cache: Path) -> list[Path]:
+    """The listed files (or every photo under a listed folder) of Debian packages, downloaded and unpacked once."""
+    found = []
+    for package, members in packages.items():
+        unpacked = cache / package
+        if not unpacked.is_dir():
+            debs = cache / "debs"
+            debs.mkdir(parents=True, exist_ok=True)
+            print(f"quality: fetching Debian package {package} (apt-get download) into {debs}", flush=True)
+            got = subprocess.run(["apt-get", "download", package], cwd=debs, capture_output=True, text=True)
+            deb = sorted(debs.glob(f"{package}_*.deb"))
+            if got.returncode != 0 or not deb:
+                raise SystemExit(f"quality: cannot download {package} with apt-get ({got.stderr.strip()[-300:]}); "
+                                 f"on a machine without Debian's archive give --held-dir / --extra-photos folders")
+            tmp = cache / f".{package}.unpacking"
+            shutil.rmtree(tmp, ignore_errors=True)
+            subprocess.run(["dpkg-deb", "-x", str(deb[-1]), str(tmp)], check=True)
+            os.replace(tmp, unpacked)
+        for member in members:
+            path = unpacked / member
+            if member.endswith("/"):
+                found += sorted(p for p in path.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+            elif path.is_file():
+                found.append(path)
+            else:
+                raise SystemExit(f"quality: {package} has no {member} (another version of the package?)")
+    return found
+
+
+def write_held_crops(photos: list[Path], out_dir: Path, size: int) -> int:
+    """Two square crops of each photo (the whole short side, centred; a 60% window at a seeded place) at ``size``."""
+    import cv2
+    from PIL import Image
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(HELD_SEED)
+    n = 0
+    for path in photos:
+        with Image.open(path) as img:
+            img.draft("RGB", (size * 3, size * 3))  # JPEG: decode at a reduced scale, still well above ``size``
+            image = np.asarray(img.convert("RGB"))
+        h, w = image.shape[:2]
+        side = min(h, w)
+        windows = [((h - side) // 2, (w - side) // 2, side)]
+        small = int(side * 0.6)
+        windows.append((int(rng.integers(0, h - small + 1)), int(rng.integers(0, w - small + 1)), small))
+        for i, (top, left, s) in enumerate(windows):
+            crop = cv2.resize(np.ascontiguousarray(image[top:top + s, left:left + s]), (size, size),
+                              interpolation=cv2.INTER_AREA)
+            Image.fromarray(crop).save(out_dir / f"{path.stem}_{i}.png")
+            n += 1
+    return n
+
+
+# ------------------------------------------------------------------------------------------------------ training
+def train_recipe(name: str, recipe: str, overrides: list[str], work: Path, *, cache: Path | None, tiny: bool,
+                 extra_dirs: list[Path]) -> dict:
+    """Train one recipe with the real job: the demo's data and CPU recipe, plus the recipe's photos, steps and
+    ``overrides``. Returns the run dir and the wall time."""
+    from launch.demo import CPU_RECIPE, write_demo_shards
+
+    out = work / name
+    shutil.rmtree(out, ignore_errors=True)
+    extra = list(extra_dirs) if recipe == "quality" else []
+    steps, crops, nproc = (QUALITY_STEPS if recipe == "quality" else 240), 8, 2
+    job = list(CPU_RECIPE)
+    if tiny:
+        steps, crops, nproc = 2, 1, 1
+        job = [o for o in job if not o.startswith(("crop_size=", "decoder_channels="))]
+        job += ["crop_size=64", "decoder_channels=16,8,8,8,8", "encoder=tu-test_efficientnet", "num_workers=0"]
+    else:
+        job.append("encoder=tu-mobilenetv3_small_050")
+    t0 = time.time()
+    shards = write_demo_shards(out, crops, seed=0, extra_photos=extra)
+    run_dir = out / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m",
+           "job.train", "--shards", str(shards), "--out", str(run_dir), f"max_steps={steps}",
+           f"val_every={max(steps // 4, 1)}", "seed=0", "resume=never", *job, *overrides]
+    print(f"quality: training {name} ({recipe}, {steps} steps)\n$ {' '.join(cmd)}", flush=True)
+    with open(out / "train.log", "w") as log:
+        code = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                              env=dict(os.environ, OMP_NUM_THREADS="1")).returncode
+    if code != 0:
+        raise SystemExit(f"quality: training {name} failed (exit {code}); log: {out / 'train.log'}")
+    return {"name": name, "recipe": recipe, "overrides": overrides, "steps": steps, "run": str(run_dir),
+            "train_s": round(time.time() - t0, 1), "photos": "bundled" + (" + " + ", ".join(map(str, extra))
+                                                                          if extra else "")}
+
+
+# ------------------------------------------------------------------------------------------------------ scoring
+def score_all(held_split: Path, models: list[dict], grid_path: Path, grid_rows: int = 4) -> dict[str, dict]:
+    """Every model and baseline on every held-out sample; the per-term means, and a picture of the first rows."""
+    import torch
+    from PIL import Image
+
+    from restore import baselines
+    from restore.batch_infer import Engine
+    from restore.prefill import harmonic_fill
+    from restore.score import score_image, summarize
+    from shards.reader import iter_samples, shard_paths
+
+    def harmonic(gray: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        g = torch.from_numpy(gray).float()[None, None] / 255
+        filled = harmonic_fill(g, torch.from_numpy(mask).float()[None, None])[0, 0]
+        return np.repeat((filled * 255).round().byte().numpy()[..., None], 3, axis=-1)
+
+    predictors = {"gray copy": lambda g, m: baselines.gray_copy(g, m),
+                  "OpenCV Telea fill, gray": lambda g, m: baselines.opencv_inpaint(g, m),
+                  "harmonic fill (stage 1's start), gray": harmonic}
+    for model in models:
+        engine = Engine([model["run"]], device="cpu", batch_size=1)
+        predictors[model["name"]] = lambda g, m, e=engine: e.restore(g[None], m[None])[0]
+    per: dict[str, list] = {name: [] for name in predictors}
+    rows = []
+    for sample in iter_samples(shard_paths(held_split)):
+        preds = {name: fn(sample.input, sample.mask) for name, fn in predictors.items()}
+        for name, pred in preds.items():
+            per[name].append(score_image(sample.gt, pred, sample.mask))
+        if len(rows) < grid_rows:
+            columns = [np.repeat(sample.input[..., None], 3, -1), preds["harmonic fill (stage 1's start), gray"]]
+            columns += [preds[m["name"]] for m in models] + [sample.gt]
+            rows.append(np.concatenate(columns, axis=1))
+    if rows:
+        Image.fromarray(np.concatenate(rows, axis=0)).save(grid_path)
+    return {name: summarize(scores) for name, scores in per.items()}
+
+
+def print_table(scores: dict[str, dict], models: list[dict]) -> None:
+    gray = scores["gray copy"]["score"]
+    print(f"\n{'on ' + str(scores['gray copy']['n']) + ' held-out images':44s} {'score':>7s} {'- gray':>7s} "
+          f"{'ssim':>7s} {'masked':>7s} {'hist':>7s}")
+    for name, s in scores.items():
+        print(f"{name:44s} {s['score']:7.4f} {s['score'] - gray:+7.4f} {s['ssim']:7.4f} {s['masked_ssim']:7.4f} "
+              f"{s['hist_sim']:7.4f}")
+    for m in models:
+        print(f"  {m['name']}: recipe {m['recipe']}, {m['steps']} steps, photos {m['photos']}, "
+              f"overrides {' '.join(m['overrides']) or '-'}, trained in {m['train_s']:.0f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipes", default="demo,quality", help="comma-separated: demo, quality (default both)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=RECIPE:key=value,...",
+                    help="also train RECIPE with these job overrides (repeatable)")
+    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "restore-bench",
+                    help="where the Debian packages are downloaded and unpacked")
+    ap.add_argument("--held-dir", type=Path, help="held-out photos (default: the lomiri wallpaper photos)")
+    ap.add_argument("--extra-photos", type=Path, action="append", default=[],
+                    help="the quality recipe's extra training photos (default: mate-backgrounds' nature photos)")
+    ap.add_argument("--work", type=Path, default=Path("bench_quality"), help="shards, runs and results go here")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke: tiny model, 2 steps, 64 px, the demo recipe")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args(argv)
+
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    size = 64 if args.tiny else 512
+    held_photos = (sorted(p for p in args.held_dir.iterdir() if p.is_file()) if args.held_dir
+                   else fetch_packages(HELD_PACKAGES, args.cache))
+    held_crops = work / "held_photos"
+    shutil.rmtree(held_crops, ignore_errors=True)
+    n = write_held_crops(held_photos, held_crops, size)
+    held_shards = work / "held_shards"
+    subprocess.run([sys.executable, "-m", "shards.pack", "photos", str(held_crops), str(held_shards), "--seed",
+                    str(HELD_SEED), "--size", str(size), "--shard-size", "64"], cwd=ROOT, check=True,
+                   capture_output=True)
+    print(f"quality: {n} held-out crops of {len(held_photos)} photos packed with DACON-style damage in "
+          f"{held_shards / 'train'}", flush=True)
+
+    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    plans = [(r, r, []) for r in recipes]
+    for text in args.variant:
+        name, _, rest = text.partition("=")
+        recipe, _, over = rest.partition(":")
+        if not name or recipe not in ("demo", "quality"):
+            ap.error(f"--variant {text!r}: expected NAME=demo|quality:key=value,...")
+        plans.append((name, recipe, [o for o in over.split(",") if o]))
+    extra = list(args.extra_photos)
+    if any(r == "quality" for _, r, _ in plans) and not extra and not args.tiny:
+        extra = [p.parent for p in fetch_packages(TRAIN_PACKAGES, args.cache)[:1]]
+    models = [train_recipe(name, recipe, over, work, cache=args.cache, tiny=args.tiny, extra_dirs=extra)
+              for name, recipe, over in plans]
+    scores = score_all(held_shards / "train", models, work / "quality_grid.png")
+    print_table(scores, models)
+    result = {"held": {"photos": [str(p) for p in held_photos], "crops": n, "size": size}, "models": models,
+              "scores": scores}
+    (work / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\npicture: {work / 'quality_grid.png'} (damaged | harmonic fill | {' | '.join(m['name'] for m in models)}"
+          f" | truth)")
+    emit(result, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
