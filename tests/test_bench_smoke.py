@@ -243,3 +243,21 @@ def test_quality_tiny_scores_each_model_beside_the_three_baselines(tmp_path):
     cfg = json.loads((tmp_path / "work" / "noprefill" / "run" / "config.json").read_text())
     assert cfg["model"]["prefill"] == "none"
     assert "gray copy" in res.stdout and (tmp_path / "work" / "quality_grid.png").is_file()
+
+
+def test_color_study_tiny_trains_every_formulation_and_scores_it_beside_gray(tmp_path):
+    from PIL import Image
+
+    from shards.sample_photos import load_photo
+
+    held = tmp_path / "held"
+    held.mkdir()
+    Image.fromarray(load_photo("retina")).save(held / "retina.png")
+    res = bench("color_study.py", "--tiny", "--held-dir", held, "--work", tmp_path / "work", "--json",
+                tmp_path / "c.json")
+    out = json.loads((tmp_path / "c.json").read_text())
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == out
+    assert list(out["scores"]) == ["gray copy", "rgb", "chroma", "colorful", "classes", "classes_flat"]
+    assert all(s["n"] == 2 and -1 <= s["hist_sim"] <= 1 for s in out["scores"].values())
+    with Image.open(tmp_path / "work" / "color_grid.png") as grid:
+        assert grid.size == (6 * 64, 2 * 64)  # truth + 5 formulations, 2 crops

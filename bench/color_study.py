@@ -1,0 +1,282 @@
+"""Colorization formulations against the averaging of L1/L2, stage 2 alone, scored on held-out real photos.
+
+    python bench/color_study.py                                  # every formulation, the demo's budget (~12 min)
+    python bench/color_study.py --steps 1000 --extra-photos DIR  # more steps and photos
+    python bench/color_study.py --tiny --held-dir DIR            # CPU smoke (tests)
+
+Stage 2 (the colorizer) is trained alone from the true gray image, so the hole does not enter: each formulation gets
+the same photos (the demo's bundled training photos, ``launch.demo.TRAIN_PHOTOS``, plus ``--extra-photos``), the same
+steps, batch, encoder (the demo's ``tu-mobilenetv3_small_050``) and seed, and is scored on the same held-out photos as
+``bench/quality.py`` (the lomiri wallpaper photos; two 512x512 crops each) with the DACON score, the known luminance
+re-imposed as inference does. The hole's masked SSIM then measures only what color does to it.
+
+Formulations (``--formulations``):
+  rgb           3 channels through a sigmoid; L1 + 0.5 (1 - SSIM) + 0.1 hue-histogram loss (the job's stage 2 loss)
+  chroma        Cb, Cr through a sigmoid composed with the known luma (``color_mode=chroma``); the same loss
+  colorful      chroma + a colorfulness term: |mean chroma magnitude of the prediction - of the truth| per image,
+                a distribution statistic that counters desaturation without asking for per-pixel modes
+  classes       Zhang et al. 2016 "Colorful Image Colorization": Cb/Cr quantized on a 1/16 grid (the in-gamut cells),
+                logits at 1/4 resolution, soft-encoded targets (3x3 Gaussian, sigma half a cell), class-rebalanced
+                cross-entropy (lambda 0.5, in-batch smoothed prior), annealed-mean decoding (T 0.38) + 0.1 hue loss
+  classes_flat  the same without rebalancing
+Training windows are zoomed out (a 40-100% square of a photo shrunk to the crop), as ``zoom_max`` does in the job.
+``--work-size`` colorizes at a lower resolution and lays the chroma on the full-resolution luma (DeOldify's render
+factor). Prints a table, writes ``WORK/color_study.json`` and ``WORK/color_grid.png`` (truth | each formulation).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from report import emit  # noqa: E402
+
+FORMULATIONS = ("rgb", "chroma", "colorful", "classes", "classes_flat")
+GRID = 1 / 16  # Cb/Cr cell of the classes formulation
+ANNEAL_T = 0.38
+
+
+def chroma_classes() -> tuple[np.ndarray, np.ndarray]:
+    """The in-gamut cells of a Cb/Cr grid: (cell -> class or -1, [Q, 2] class centers as offsets from neutral)."""
+    values = np.linspace(-0.5, 0.5, int(round(1 / GRID)) + 1)
+    table = -np.ones((len(values), len(values)), np.int64)
+    centers = []
+    for i, cb in enumerate(values):
+        for j, cr in enumerate(values):
+            offsets = (1.402 * cr, -0.344136 * cb - 0.714136 * cr, 1.772 * cb)  # RGB minus luma
+            if max(offsets) - min(offsets) <= 1.0:  # some luma makes this chroma a valid RGB color
+                table[i, j] = len(centers)
+                centers.append((cb, cr))
+    return table, np.asarray(centers, np.float32)
+
+
+def build(formulation: str, encoder: str, decoder: tuple[int, ...]):
+    import torch
+    from torch import nn
+    import torch.nn.functional as F
+
+    from restore.model import Colorizer, ModelSpec, _PaddedStage, compose_chroma
+
+    spec = ModelSpec(encoder=encoder, decoder_channels=decoder, encoder_depth=len(decoder),
+                     color_mode="rgb" if formulation == "rgb" else "chroma", prefill="none")
+    if not formulation.startswith("classes"):
+        return Colorizer(spec)
+    table, centers = chroma_classes()
+
+    class ClassColorizer(_PaddedStage):
+        def __init__(self) -> None:
+            super().__init__(spec, in_channels=1, out_channels=1)
+            self.net.segmentation_head = nn.Identity()
+            width = spec.decoder_channels[-1]
+            self.head = nn.Sequential(nn.Conv2d(width, 64, 3, padding=1), nn.ReLU(inplace=True),
+                                      nn.Conv2d(64, len(centers), 1))
+            self.register_buffer("centers", torch.from_numpy(centers))
+            self.register_buffer("table", torch.from_numpy(table))
+
+        def logits(self, gray):
+            return self.head(F.avg_pool2d(super().forward(gray), 4, ceil_mode=True))
+
+        def decode(self, logits, gray, temperature=ANNEAL_T):
+            p = torch.softmax(logits.float() / temperature, 1)
+            chroma = F.interpolate(torch.einsum("bqhw,qk->bkhw", p, self.centers), size=gray.shape[-2:],
+                                   mode="bilinear", align_corners=False)
+            return compose_chroma(gray, chroma + 0.5)
+
+        def forward(self, gray):
+            return self.decode(self.logits(gray), gray)
+
+    return ClassColorizer()
+
+
+def class_loss(model, logits, gt_rgb, rebalance: float):
+    """Soft-encoded cross-entropy at the logits' resolution, optionally class-rebalanced (Zhang et al. 2016)."""
+    import torch
+    import torch.nn.functional as F
+
+    from restore.model import rgb_to_chroma
+
+    table, n = model.table, model.table.shape[0]
+    grid = (F.avg_pool2d(rgb_to_chroma(gt_rgb), 4, ceil_mode=True)) / GRID  # cell coordinates, 0.5 -> n // 2
+    nearest = grid.round().long()
+    idx, weight = [], []
+    for di in (-1, 0, 1):
+        for dj in (-1, 0, 1):
+            i = (nearest[:, 0] + di).clamp(0, n - 1)
+            j = (nearest[:, 1] + dj).clamp(0, n - 1)
+            cls = table[i, j]
+            d2 = (grid[:, 0] - i.float()) ** 2 + (grid[:, 1] - j.float()) ** 2
+            idx.append(cls.clamp_min(0))
+            weight.append(torch.exp(-d2 / (2 * 0.5 ** 2)) * (cls >= 0))
+    idx, weight = torch.stack(idx, 1), torch.stack(weight, 1)
+    weight = weight / weight.sum(1, keepdim=True).clamp_min(1e-8)
+    ce = -(F.log_softmax(logits.float(), 1).gather(1, idx) * weight).sum(1)
+    if rebalance < 1.0:
+        q = logits.shape[1]
+        target = idx.gather(1, weight.argmax(1, keepdim=True))[:, 0]
+        prior = torch.bincount(target.flatten(), minlength=q).float()
+        cells = torch.zeros(n, n, device=logits.device)
+        valid = table >= 0
+        cells[valid] = prior[table[valid]]
+        kernel = torch.tensor([[1, 2, 1], [2, 4, 2], [1, 2, 1]], dtype=torch.float32, device=logits.device) / 16
+        prior = F.conv2d(cells[None, None], kernel[None, None], padding=1)[0, 0][valid]
+        prior = prior / prior.sum()
+        w = 1.0 / ((1 - rebalance) * prior + rebalance / q)
+        ce = ce * (w / (prior * w).sum())[target]
+    return ce.mean()
+
+
+def train(formulation: str, photos: list[np.ndarray], args) -> object:
+    import cv2
+    import torch
+
+    from restore.losses import Stage2Loss, hue_histogram_loss
+    from restore.model import rgb_to_chroma
+    from shards.damage import to_gray
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    decoder = tuple(int(c) for c in args.decoder_channels.split(","))
+    model = build(formulation, args.encoder, decoder)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-2)
+    warmup = max(1, min(20, args.steps // 5))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
+        0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, args.steps))))))
+    stage2 = Stage2Loss(l1=1.0, ssim=0.5, hue=0.1)
+    model.train()
+    for _ in range(args.steps):
+        crops = []
+        for _ in range(args.batch):
+            image = photos[int(rng.integers(len(photos)))]
+            h, w = image.shape[:2]
+            side = int(min(h, w) * rng.uniform(0.4, 1.0))
+            top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+            crop = cv2.resize(image[top:top + side, left:left + side], (args.crop, args.crop),
+                              interpolation=cv2.INTER_AREA)
+            crops.append(crop[:, ::-1] if rng.random() < 0.5 else crop)
+        gt = np.ascontiguousarray(np.stack(crops))
+        gt_rgb = torch.from_numpy(gt).permute(0, 3, 1, 2).float() / 255
+        gray = torch.from_numpy(np.stack([to_gray(c) for c in gt])).float()[:, None] / 255
+        if formulation.startswith("classes"):
+            logits = model.logits(gray)
+            loss = class_loss(model, logits, gt_rgb, 0.5 if formulation == "classes" else 1.0)
+            loss = loss + 0.1 * hue_histogram_loss(model.decode(logits, gray, 1.0), gt_rgb)
+        else:
+            rgb = model(gray)
+            loss, _ = stage2(rgb, gt_rgb)
+            if formulation == "colorful":
+                def magnitude(x):
+                    return (rgb_to_chroma(x) - 0.5).norm(dim=1).mean((1, 2))
+                loss = loss + (magnitude(rgb) - magnitude(gt_rgb)).abs().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model.eval()
+
+
+def colorize(model, gray_u8: np.ndarray, work_size: int) -> np.ndarray:
+    import torch
+    import torch.nn.functional as F
+
+    from restore.composite import composite_luma
+    from restore.model import compose_chroma, rgb_to_chroma
+
+    g = torch.from_numpy(gray_u8).float()[None, None] / 255
+    with torch.no_grad():
+        if work_size and work_size < max(g.shape[-2:]):
+            small = F.interpolate(g, size=(work_size, work_size), mode="area")
+            chroma = F.interpolate(rgb_to_chroma(model(small)), size=g.shape[-2:], mode="bilinear",
+                                   align_corners=False)
+            rgb = compose_chroma(g, chroma)
+        else:
+            rgb = model(g)
+    out = (rgb.clamp(0, 1) * 255).round().byte()
+    known = torch.ones(1, *gray_u8.shape, dtype=torch.bool)
+    return composite_luma(out, torch.from_numpy(gray_u8)[None], known)[0].permute(1, 2, 0).numpy()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+    from PIL import Image
+
+    from quality import HELD_PACKAGES, fetch_packages, write_held_crops  # bench/quality.py, beside this script
+    from launch.demo import TRAIN_PHOTOS
+    from restore.score import score_image, summarize
+    from shards.damage import random_mask, to_gray
+    from shards.pack import list_photos
+    from shards.sample_photos import load_photo
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--formulations", default=",".join(FORMULATIONS))
+    ap.add_argument("--steps", type=int, default=240)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--crop", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--encoder", default="tu-mobilenetv3_small_050")
+    ap.add_argument("--decoder-channels", default="64,32,16,16,8")
+    ap.add_argument("--work-size", type=int, default=0, help="colorize at this size, chroma upsampled (0: full)")
+    ap.add_argument("--extra-photos", type=Path, action="append", default=[])
+    ap.add_argument("--held-dir", type=Path)
+    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "restore-bench")
+    ap.add_argument("--work", type=Path, default=Path("bench_quality"))
+    ap.add_argument("--tiny", action="store_true", help="smoke: 2 steps, tiny encoder, 64 px")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    size = 512
+    if args.tiny:
+        args.steps, args.batch, args.crop, size = 2, 2, 32, 64
+        args.encoder, args.decoder_channels = "tu-test_efficientnet", "16,8,8,8,8"
+    formulations = [f for f in args.formulations.split(",") if f]
+    unknown = [f for f in formulations if f not in FORMULATIONS]
+    if unknown:
+        ap.error(f"unknown formulation(s) {unknown}; choose from {', '.join(FORMULATIONS)}")
+
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    held_dir = work / "color_held"
+    photos = (sorted(p for p in args.held_dir.iterdir() if p.is_file()) if args.held_dir
+              else fetch_packages(HELD_PACKAGES, args.cache))
+    shutil.rmtree(held_dir, ignore_errors=True)
+    write_held_crops(photos, held_dir, size)
+    held = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(held_dir.iterdir())]
+    train_photos = [load_photo(n) for n in TRAIN_PHOTOS]
+    for folder in args.extra_photos:
+        train_photos += [np.asarray(Image.open(p).convert("RGB")) for p in list_photos(folder)]
+    rng = np.random.default_rng(11)
+    masks = [random_mask(rng, size, size, area_range=(0.01, 0.13))[0] for _ in held]
+
+    results, rows = {}, [[h for h in held[:4]]]
+    gray_scores = [score_image(h, np.repeat(to_gray(h)[..., None], 3, -1), m) for h, m in zip(held, masks)]
+    results["gray copy"] = summarize(gray_scores)
+    for f in formulations:
+        t0 = time.time()
+        model = train(f, train_photos, args)
+        preds = [colorize(model, to_gray(h), args.work_size) for h in held]
+        results[f] = {**summarize([score_image(h, p, m) for h, p, m in zip(held, preds, masks)]),
+                      "train_s": round(time.time() - t0, 1)}
+        rows.append(preds[:4])
+        print(f"color_study: {f}: score {results[f]['score']:.4f} hist {results[f]['hist_sim']:.4f} "
+              f"({results[f]['train_s']:.0f} s)", flush=True)
+    Image.fromarray(np.concatenate([np.concatenate(r, axis=0) for r in rows], axis=1)).save(work / "color_grid.png")
+    print(f"\n{'stage 2 alone, ' + str(len(held)) + ' held-out crops':34s} {'score':>7s} {'ssim':>7s} {'masked':>7s} "
+          f"{'hist':>7s}")
+    for name, s in results.items():
+        print(f"{name:34s} {s['score']:7.4f} {s['ssim']:7.4f} {s['masked_ssim']:7.4f} {s['hist_sim']:7.4f}")
+    result = {"steps": args.steps, "photos": len(train_photos), "work_size": args.work_size, "scores": results}
+    (work / "color_study.json").write_text(json.dumps(result, indent=2) + "\n")
+    emit(result, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
