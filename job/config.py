@@ -56,6 +56,7 @@ class ModelConfig:
     decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
     cbam: bool = True
     color_mode: str = "rgb"
+    color_size: int = 0  # stage 2 colorizes images with a larger short side shrunk to this size (0: full resolution)
     prefill: str = "harmonic"  # stage 1 starts from a classical fill of the hole (restore.prefill); none: from the fill
 
 
@@ -250,6 +251,7 @@ def validate(cfg: Config) -> None:
     need(len(m.decoder_channels) >= 1 and all(c > 0 for c in m.decoder_channels),
          f"decoder_channels={m.decoder_channels}: must be positive integers")
     need(m.prefill in PREFILLS, f"prefill={m.prefill!r}: must be one of {', '.join(PREFILLS)}")
+    need(m.color_size >= 0, f"color_size={m.color_size}: must be >= 0 (0 = full resolution)")
     need(d.zoom_max >= 1.0, f"zoom_max={d.zoom_max}: must be >= 1 (1 = plain crops)")
     need(m.color_mode in COLOR_MODES, f"color_mode={m.color_mode!r}: must be one of {', '.join(COLOR_MODES)}")
     need(o.lr > 0, f"lr={o.lr}: must be > 0")

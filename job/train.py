@@ -678,7 +678,7 @@ def model_spec(cfg: Config) -> ModelSpec:
     decoder = tuple(m.decoder_channels)
     return ModelSpec(encoder=m.encoder, encoder_weights=m.encoder_weights, decoder_channels=decoder,
                      encoder_depth=len(decoder), cbam=m.cbam, color_mode=m.color_mode,
-                     prefill=m.prefill)
+                     prefill=m.prefill, color_size=m.color_size)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ from restore.prefill import PREFILLS, prefill
 CHECKPOINT_FORMAT = "restore-ckpt/1"
 COLOR_MODES = ("rgb", "chroma")
 # Keys added to ModelSpec after checkpoints were written, with the value that reproduces those older models.
-LEGACY_SPEC_DEFAULTS = {"prefill": "none"}
+LEGACY_SPEC_DEFAULTS = {"prefill": "none", "color_size": 0}
 # Inputs in [0, 1] are normalized inside the model, as the seed recipe did outside it: (x - 0.5) / 0.225.
 INPUT_MEAN = 0.5
 INPUT_STD = 0.225
@@ -51,6 +51,10 @@ class ModelSpec:
     # Stage 1's starting image in the hole (restore.prefill): "harmonic" (classical fill, the network learns a
     # correction) or "none" (the constant damage value, as checkpoints written before the prefill existed).
     prefill: str = "harmonic"
+    # Stage 2's working size: an image whose short side is larger is colorized shrunk to this short side and its
+    # chroma laid on the full-resolution luma (DeOldify's render factor), so the colorizer sees a whole photo at the
+    # scale of its training windows. 0: colorize at full resolution.
+    color_size: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.decoder_channels, list):
@@ -78,6 +82,8 @@ class ModelSpec:
             problems.append(f"cbam_kernel must be an odd int >= 1, got {self.cbam_kernel!r}")
         if self.color_mode not in COLOR_MODES:
             problems.append(f"color_mode must be one of {COLOR_MODES}, got {self.color_mode!r}")
+        if not _is_int(self.color_size) or self.color_size < 0:
+            problems.append(f"color_size must be an int >= 0 (0 = full resolution), got {self.color_size!r}")
         if self.prefill not in PREFILLS:
             problems.append(f"prefill must be one of {PREFILLS}, got {self.prefill!r}")
         if problems:
@@ -284,14 +290,27 @@ class Colorizer(_PaddedStage):
 
     color_mode "rgb": 3 channels through a sigmoid. "chroma": 2 channels (Cb, Cr through a sigmoid, 0.5 = neutral)
     composed with the input luma by `compose_chroma`, so the output's BT.601 luma equals the gray input.
+    With ``spec.color_size`` an image larger than that is colorized shrunk and its chroma upsampled onto the full luma.
     """
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__(spec, in_channels=1, out_channels=3 if spec.color_mode == "rgb" else 2)
         self.color_mode = spec.color_mode
+        self.color_size = spec.color_size
 
     def forward(self, gray: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        out = torch.sigmoid(super().forward(gray).to(gray.dtype))
+        h, w = gray.shape[-2:]
+        if self.color_size and min(h, w) > self.color_size:
+            scale = self.color_size / min(h, w)
+            small = F.interpolate(gray.float(), size=(max(1, round(h * scale)), max(1, round(w * scale))),
+                                  mode="area").to(gray.dtype)
+            chroma = rgb_to_chroma(self._color(small))
+            chroma = F.interpolate(chroma, size=(h, w), mode="bilinear", align_corners=False)
+            return compose_chroma(gray, chroma).to(gray.dtype)
+        return self._color(gray)
+
+    def _color(self, gray: torch.Tensor) -> torch.Tensor:
+        out = torch.sigmoid(_PaddedStage.forward(self, gray).to(gray.dtype))
         if self.color_mode == "rgb":
             return out
         return compose_chroma(gray, out)

@@ -310,3 +310,30 @@ def test_local_encoder_weights_errors_name_the_file(tmp_path):
     junk.write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="junk.safetensors"):
         build_model(dataclasses.replace(TINY, encoder_weights=str(junk)))
+
+
+def test_color_size_colorizes_large_images_shrunk_and_keeps_their_full_resolution_luma():
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    spec = dataclasses.replace(TINY, color_mode="chroma", color_size=32)
+    model = build_model(spec).eval()
+    full = build_model(dataclasses.replace(spec, color_size=0)).eval()
+    full.load_state_dict(model.state_dict())
+    gray = torch.rand(1, 1, 64, 96)
+    with torch.no_grad():
+        rgb = model.colorize(gray)
+        small = F.interpolate(gray, size=(32, 48), mode="area")
+        assert rgb.shape == (1, 3, 64, 96)
+        assert torch.allclose(rgb_to_luma(rgb), gray, atol=1e-5)  # the full-resolution luma, not the shrunk one
+        # the chroma is the small image's, upsampled
+        from restore.model import rgb_to_chroma
+
+        want = F.interpolate(rgb_to_chroma(full.colorize(small)), size=(64, 96), mode="bilinear", align_corners=False)
+        assert torch.allclose(compose_chroma(gray, want), rgb, atol=1e-6)
+        assert not torch.allclose(rgb, full.colorize(gray), atol=1e-3)
+        # at or below the working size nothing changes
+        assert torch.equal(model.colorize(small), full.colorize(small))
+    assert ModelSpec.from_dict({k: v for k, v in spec.to_dict().items() if k != "color_size"}).color_size == 0
+    with pytest.raises(ValueError, match="color_size"):
+        ModelSpec(color_size=-1)
