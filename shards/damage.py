@@ -1,8 +1,9 @@
-"""DACON-style damage: one region of one constant gray value; the generator and the detector.
+"""DACON-style damage: one region of one constant gray value; the generator (the detector: ``shards.detector``).
 
 Everything here is a pure function of its arguments (randomness only from an explicit ``numpy.random.Generator``),
 so the packer and the training loader (on-the-fly re-masking) draw identical damage from identical seeds.
 Sizes are derived from the image size, so the same code serves 64x64 test images and 512x512 photos.
+The detector's names are re-exported here (``damage.detect_mask``, ``damage.NoDamageFound``) for existing callers.
 """
 from __future__ import annotations
 
@@ -14,15 +15,13 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from skimage import draw
 
+from shards.detector import Detection, NoDamageFound, detect_damage, detect_mask  # noqa: F401  (re-exported)
+
 SHAPES = ("rectangle", "circle", "triangle", "polygon", "star")
 
 # 4-connectivity: the real holes are one 4-connected region (see docs), and the detector searches for one.
 _FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
 _MAX_ATTEMPTS = 12
-
-
-class NoDamageFound(ValueError):
-    """The gray image has no constant-value region that can be the damage."""
 
 
 # ----------------------------------------------------------------------------------------------------------- generator
@@ -231,100 +230,3 @@ _DRAW = {
     "polygon": _polygon_shape(_polygon_vertices),
     "star": _polygon_shape(_star_vertices),
 }
-
-
-# ------------------------------------------------------------------------------------------------------------ detector
-def detect_mask(
-    gray: np.ndarray,
-    *,
-    min_fraction: float = 0.003,
-    min_pixels: int = 50,
-    max_fraction: float = 0.5,
-) -> tuple[np.ndarray, int]:
-    """The damage as the largest hard-edged 4-connected region of one exact gray value: ``(mask bool[H,W], fill)``.
-
-    Candidates are the large regions of each gray value that has enough "flat" pixels (equal to a 4-neighbour);
-    they are labelled largest count first, stopping once no remaining value could beat the best hard-edged region.
-    A region is soft-edged when most pixels around it differ from its value by at most ``_SOFT_STEP``: that is how
-    natural flat areas look (clipped shadows, blown-out sky fade into their surroundings), while pasted damage cuts
-    through the photo (real DACON holes: median step 26-192, natural flat regions: 1). The largest hard-edged region
-    wins; when every candidate is soft-edged, the largest one does.
-    Raises ``NoDamageFound`` when no region reaches ``min_fraction`` of the image and ``min_pixels``, or when the
-    winner covers more than ``max_fraction`` (a flat image, not damage).
-    """
-    if gray.dtype != np.uint8 or gray.ndim != 2:
-        raise ValueError(f"gray must be uint8 [H,W], got {gray.dtype} {gray.shape}")
-    total = gray.size
-    need = max(int(min_pixels), math.ceil(min_fraction * total))
-    flat = np.zeros(gray.shape, dtype=bool)
-    flat[:, :-1] |= gray[:, :-1] == gray[:, 1:]
-    flat[:-1, :] |= gray[:-1, :] == gray[1:, :]
-    flat[:, 1:] |= gray[:, 1:] == gray[:, :-1]
-    flat[1:, :] |= gray[1:, :] == gray[:-1, :]
-    # Every pixel of a region of >= 2 pixels is flat, so a value with fewer flat pixels cannot reach ``need``.
-    flat_counts = np.bincount(gray[flat], minlength=256)
-    candidates = [int(v) for v in np.argsort(-flat_counts, kind="stable") if flat_counts[v] >= need]
-    # Pixels that may belong to another constant region: they say nothing about how a region meets the photo.
-    is_candidate = np.zeros(256, dtype=bool)
-    is_candidate[candidates] = True
-    other_flat = flat & is_candidate[gray]
-
-    found: list[tuple[int, int, np.ndarray, bool]] = []  # (area, value, region, soft)
-    largest_seen, largest_value, best_hard = 0, -1, 0
-    for value in candidates[:_MAX_CANDIDATES]:
-        if flat_counts[value] <= best_hard:
-            break  # sorted by count: nothing left can beat the best hard-edged region
-        labels, _ = ndimage.label(gray == value, structure=_FOUR_CONNECTED)
-        sizes = np.bincount(labels.ravel())
-        sizes[0] = 0
-        if int(sizes.max()) > largest_seen:
-            largest_seen, largest_value = int(sizes.max()), value
-        # Every large region of this value: the hole may share its value with a larger natural flat area.
-        for label in np.argsort(-sizes, kind="stable")[:_MAX_REGIONS_PER_VALUE]:
-            area = int(sizes[label])
-            if area < need or area <= best_hard:
-                break
-            region = labels == label
-            soft = _soft_edged(gray, region, value, other_flat)
-            found.append((area, value, region, soft))
-            if not soft:
-                best_hard = area
-    if not found:
-        seen = f"the largest has {largest_seen} px (value {largest_value})" if largest_value >= 0 else "none is close"
-        raise NoDamageFound(
-            f"no region of one constant gray of at least {need} px "
-            f"({min_fraction:.1%} of the image, at least {min_pixels} px): {seen}"
-        )
-    hard = [f for f in found if not f[3]]
-    area, value, region, _ = max(hard or found, key=lambda f: f[0])
-    if area > max_fraction * total:
-        raise NoDamageFound(
-            f"largest constant-gray region (value {value}) covers {area / total:.1%} of the image, "
-            f"more than {max_fraction:.0%}: a flat image, not a damage region"
-        )
-    return region, value
-
-
-_SOFT_STEP = 2  # gray levels: a neighbour this close to the region's value continues it smoothly
-_SOFT_SHARE = 0.5  # share of such neighbours that makes a region soft-edged
-_MAX_CANDIDATES = 48  # bounds the work on smooth images with many flat values
-_MAX_REGIONS_PER_VALUE = 4
-
-
-def _soft_edged(gray: np.ndarray, region: np.ndarray, value: int, ignore: np.ndarray) -> bool:
-    """Whether most 4-neighbours around ``region`` are within ``_SOFT_STEP`` of ``value`` (see ``detect_mask``).
-
-    Hard steps onto pixels in ``ignore`` (other flat regions, e.g. a hole cut into a shadow) are not counted.
-    """
-    rows, cols = ndimage.find_objects(region.view(np.uint8))[0]
-    rows = slice(max(rows.start - 1, 0), rows.stop + 1)
-    cols = slice(max(cols.start - 1, 0), cols.stop + 1)
-    inside = region[rows, cols]
-    ring = ndimage.binary_dilation(inside, structure=_FOUR_CONNECTED) & ~inside
-    steps = np.abs(gray[rows, cols][ring].astype(np.int16) - value)
-    soft = steps <= _SOFT_STEP
-    # A hard step onto another flat region (a hole cut into a shadow) says nothing about this region's own edge.
-    counted = soft | ~ignore[rows, cols][ring]
-    if not counted.any():
-        return True  # nothing but other flat regions around it: no sign of a pasted edge
-    return bool(soft.sum() >= _SOFT_SHARE * counted.sum())

@@ -1,6 +1,8 @@
 """The damage generator and the mask detector (shards.damage)."""
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -8,6 +10,7 @@ from scipy import ndimage
 
 from conftest import _photo_crops
 from shards import damage
+from shards.detector import Detection, detect_damage
 
 FOUR = ndimage.generate_binary_structure(2, 1)
 
@@ -122,20 +125,27 @@ def test_exact_mask_is_input_differing_from_luma():
 def test_detector_recovers_generated_damage_for_all_shapes_and_fills(backgrounds):
     """All 5 shapes x fill values 0..100 on photo backgrounds (128x128, hole 1-15%).
 
-    Measured: mean IoU 0.997-0.998, worst 0.78-0.94 over five seeds (the worst cases are small holes next to
-    background pixels of the same gray, which no detector can tell apart). The detected region always contains
-    the true hole and its value is the fill.
+    Measured: 503 of 505 found, mean IoU 0.998, worst 0.91. The two not found are fill 1 on a background as dark as
+    the fill along most of the outline (a hard step on 15% and 42% of it): the detector says "no damage" there rather
+    than guess, as it must for a photo's own black areas (the old detector returned the largest flat region anyway).
+    Every detection is the fill's value and contains the whole hole.
     """
     rng = np.random.default_rng(0)
-    ious = []
+    ious, missed = [], []
     for shape in damage.SHAPES:
         for fill in range(0, 101):
             gray = backgrounds[fill % len(backgrounds)]
             mask, _ = damage.random_mask(rng, 128, 128, shapes=(shape,))
-            found, value = damage.detect_mask(damage.apply_damage(gray, mask, fill))
+            try:
+                found, value = damage.detect_mask(damage.apply_damage(gray, mask, fill))
+            except damage.NoDamageFound as exc:
+                assert "soft-edged" in str(exc), exc
+                missed.append((shape, fill))
+                continue
             assert value == fill
             assert not (mask & ~found).any(), f"{shape} fill {fill}: detection misses hole pixels"
             ious.append((found & mask).sum() / (found | mask).sum())
+    assert len(missed) <= 5, missed  # 1% of 505
     ious = np.array(ious)
     assert ious.mean() >= 0.99, ious.mean()
     assert np.percentile(ious, 5) >= 0.97
@@ -183,9 +193,9 @@ def test_detector_prefers_pasted_damage_over_a_larger_natural_flat_area():
     hole[80:110, 70:110] = True  # 1200 px, pasted onto texture
     found, value = damage.detect_mask(damage.apply_damage(gray, hole, 90))
     assert value == 90 and np.array_equal(found, hole)
-    # Without a hard-edged candidate the largest region is still returned (the damage may blend in).
-    found, value = damage.detect_mask(gray)
-    assert value == 0 and found.sum() > 1900
+    # Without the hole the shadow alone is no damage (the old detector returned it: a phantom hole).
+    with pytest.raises(damage.NoDamageFound, match=r"constant gray 0 over 12\.\d% of the image, is not damage: soft-edged"):
+        damage.detect_mask(gray)
 
 
 def test_detector_finds_a_hole_sharing_its_value_with_a_larger_flat_area():
@@ -213,3 +223,108 @@ def test_detector_finds_a_hole_cut_into_a_larger_flat_area():
     assert (damaged == 0).sum() > 4 * hole.sum()
     found, value = damage.detect_mask(damaged)
     assert value == 46 and np.array_equal(found, hole)
+
+
+# ------------------------------------------------------------------------------------ detection with a conscience
+def _photo_gray(name: str) -> np.ndarray:
+    from skimage import data as skdata
+
+    image = getattr(skdata, name)()
+    return damage.to_gray(image[..., :3]) if image.ndim == 3 else image
+
+
+def _jpeg(gray: np.ndarray, quality: int) -> np.ndarray:
+    buf = io.BytesIO()
+    Image.fromarray(gray, "L").save(buf, "JPEG", quality=quality)
+    return np.asarray(Image.open(buf))
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / (a | b).sum())
+
+
+@pytest.mark.parametrize("name", ["astronaut", "camera", "rocket", "coffee", "retina"])
+def test_clean_photos_have_no_damage_as_png_or_jpeg(name):
+    """The old detector's phantom holes: astronaut's black helmet (5.7%), camera's coat (0.7%), rocket's sky (0.4%),
+    retina's black surround (10%). As PNG, as JPEG searched for a lossy fill, and with the format unknown."""
+    gray = _photo_gray(name)
+    with pytest.raises(damage.NoDamageFound) as exc:
+        detect_damage(gray)
+    assert "not damage" in str(exc.value) or "no region of one constant gray" in str(exc.value)
+    for quality in (90, 75):
+        for lossy in (True, None):
+            with pytest.raises(damage.NoDamageFound):
+                detect_damage(_jpeg(gray, quality), lossy=lossy)
+
+
+def test_no_damage_says_what_was_examined():
+    with pytest.raises(damage.NoDamageFound) as exc:
+        detect_damage(_photo_gray("astronaut"))
+    message = str(exc.value)
+    assert "constant gray 0 over 5.7% of the image, is not damage: soft-edged" in message, message
+    assert exc.value.evidence["fill"] == 0 and exc.value.evidence["hard_edge_share"] < 0.5
+    assert exc.value.evidence["area_fraction"] == pytest.approx(0.057, abs=0.001)
+
+
+def _damaged_photo(seed: int, shape: str) -> tuple[np.ndarray, np.ndarray, int]:
+    rng = np.random.default_rng(seed)
+    crop = _photo_gray(("coffee", "chelsea", "astronaut", "rocket", "coffee")[seed % 5])[:256, :256]
+    gray = np.asarray(Image.fromarray(crop).resize((512, 512), Image.Resampling.BICUBIC))
+    mask, _ = damage.random_mask(rng, 512, 512, shapes=(shape,), area_range=(0.02, 0.12))
+    fill = damage.random_fill(rng, (10, 100))
+    return damage.apply_damage(gray, mask, fill), mask, fill
+
+
+@pytest.mark.parametrize("seed,shape", list(enumerate(damage.SHAPES)))
+def test_damaged_png_gives_the_exact_mask(seed, shape):
+    hurt, mask, fill = _damaged_photo(seed, shape)
+    found = detect_damage(hurt)
+    assert isinstance(found, Detection) and not found.lossy and found.fill == fill
+    # The region of the fill's value: the hole, plus any neighbour that happens to have that gray.
+    assert not (mask & ~found.mask).any() and _iou(found.mask, mask) >= 0.999
+    assert found.note.startswith(f"damage: constant fill {fill} over ") and "hard edge on" in found.note
+    assert found.evidence["hard_edge_share"] >= 0.5 and found.evidence["border_share"] == 0
+    assert np.array_equal(damage.detect_mask(hurt)[0], found.mask)  # the old interface, same answer
+
+
+@pytest.mark.parametrize("seed,shape", list(enumerate(damage.SHAPES)))
+def test_damaged_jpeg_is_found_and_grown_to_its_edge(seed, shape):
+    """JPEG q75 rings within ~6 px of the edge: the mask is grown through that band to the hole's edge."""
+    hurt, mask, fill = _damaged_photo(seed, shape)
+    smeared = _jpeg(hurt, 75)
+    assert (smeared[mask] != fill).mean() > 0.03  # the fill is no longer constant
+    for lossy in (True, None):
+        found = detect_damage(smeared, lossy=lossy)
+        assert found.lossy and found.fill == fill, (lossy, found.note)
+        assert _iou(found.mask, mask) >= 0.88, (shape, _iou(found.mask, mask))
+        assert found.note.startswith(f"damage: JPEG-smeared fill {fill} over ")
+    grown = _iou(detect_damage(smeared, lossy=True).mask, mask)
+    assert grown > _iou((smeared == fill) & mask, mask) + 0.02  # better than the exactly-equal pixels alone
+
+
+def test_small_images_are_still_searched_at_their_own_scale():
+    """64x64 inputs (the packer's tests): a 3% hole is found exactly; sizes follow the image."""
+    rng = np.random.default_rng(3)
+    for i, (_, rgb) in enumerate(_photo_crops(5, 64, seed=1)):
+        mask, _ = damage.random_mask(rng, 64, 64, shapes=(damage.SHAPES[i],), area_range=(0.03, 0.15))
+        fill = damage.random_fill(rng)
+        found = detect_damage(damage.apply_damage(damage.to_gray(rgb), mask, fill))
+        assert found.fill == fill and not (mask & ~found.mask).any() and _iou(found.mask, mask) >= 0.9
+
+
+def test_lossy_search_rejects_blown_highlights_and_shadows_off_the_frame():
+    """In a JPEG a clipped highlight or a crushed shadow running off the frame is one exact value with a hard edge:
+    not called damage, with the reason given."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:256, 0:256]
+    photo = (90 + 40 * np.sin(xx / 9.0) * np.cos(yy / 13.0) + rng.normal(0, 3, (256, 256))).clip(0, 255)
+    lamp = np.hypot(yy - 120, xx - 130) < 40  # a white globe against a mid-gray room
+    with pytest.raises(damage.NoDamageFound, match="blown highlight"):
+        detect_damage(_jpeg(np.where(lamp, 255, photo).astype(np.uint8), 90), lossy=True)
+    shadow = (xx < 60) & (yy > 100)  # black, running off the left edge
+    with pytest.raises(damage.NoDamageFound, match="runs off the frame"):
+        detect_damage(_jpeg(np.where(shadow, 0, photo + 30).astype(np.uint8), 90), lossy=True)
+    # The same black inside the frame is a fill like any other.
+    hole = (np.abs(xx - 150) < 35) & (np.abs(yy - 120) < 30)
+    found = detect_damage(_jpeg(np.where(hole, 0, photo + 30).astype(np.uint8), 90), lossy=True)
+    assert found.fill == 0 and _iou(found.mask, hole) > 0.95
