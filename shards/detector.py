@@ -17,11 +17,11 @@ value is only a *candidate*; it is called damage when the pixels around it say i
   interior (6 px in from the edge) must be almost all exactly the fill, which natural smooth areas, drifting by a
   level from block to block, are not. Pieces of one value that JPEG cut apart (a polygon's thin necks) are judged
   together.
-- **Not clipping** (lossy files). A blown highlight or crushed shadow is one exact value in a JPEG too (the decoder
-  clamps the ringing), with an edge as hard as pasted fill's against a bright or dark object. So in a lossy image a
-  region with (almost) nothing in the photo brighter than it is not called damage; one with nothing darker needs an
-  even more exact interior and must not run off the frame. DACON fills are 0-100, so this costs little. In a PNG the
-  one-pixel ring tells them apart (clipping fades by a level at a time).
+- **Not clipping.** A blown highlight is one exact value at the top of the range, and its edge against a dark
+  object is as hard as pasted fill's: a region near 255 with nothing in the photo brighter is not called damage
+  (DACON fills are 0-100). In a JPEG a crushed shadow is exact too (the decoder clamps the ringing): a region with
+  nothing in the photo darker needs an even more exact interior and must not run off the frame. In a PNG the
+  one-pixel ring tells shadows apart (they fade by a level at a time).
 
 ``detect_damage`` returns a ``Detection`` (mask, fill, evidence, a one-line note); when nothing qualifies it raises
 ``NoDamageFound`` whose message says what was examined and why it was rejected (``.evidence`` holds the numbers).
@@ -42,7 +42,7 @@ from scipy import ndimage
 from skimage import measure
 
 # Evidence thresholds (bench/detector.py measures them; the module docstring says why each exists).
-EXACT_HARD_SHARE = 0.5  # lossless: share of the visible outline with a hard step (natural regions: <= 0.4)
+EXACT_HARD_SHARE = 0.6  # lossless: share of the visible outline with a hard step (tuning photos' natural regions <= 0.59)
 LOSSY_HARD_SHARE = 0.6  # lossy: the same, for the coarser step 2-3 px out
 MAX_BORDER_SHARE = 0.5  # share of the outline on the image border beyond which nothing is seen
 EXACT_SOFT_STEP = 2  # lossless: a neighbour within this many levels of the fill continues it smoothly
@@ -56,8 +56,9 @@ LOSSY_TOLERANCE = 4  # lossy: gray levels around the fill that ringing inside th
 LOSSY_REACH = 6  # lossy: px from exactly-flat pixels that the tolerant region may extend (one JPEG block)
 LOSSY_EDGE_PX = 3  # lossy: px grown through the ringing band at the edge
 AUTO_RINGING_SHARE = 0.35  # lossy=None: an exact region ringed this much is handed to the lossy search
-CLIP_MARGIN, CLIP_SHARE = 2, 0.01  # lossy: at a tonal end when < 1% of the photo is > 2 levels beyond the fill
+CLIP_MARGIN, CLIP_SHARE = 2, 0.01  # at a tonal end when < 1% of the photo is > 2 levels beyond the fill
 # (not 0: JPEG ringing around a crushed shadow undershoots below it)
+CLIP_BRIGHT = 245  # highlights clip at the top of the code range: the bright end counts from here (DACON fills <= 100)
 
 _MAX_EXACT_REGIONS = 64  # bounds the work on images with many flat regions (graphics)
 _MAX_LOSSY_VALUES = 8
@@ -205,6 +206,7 @@ def _exact_candidates(gray: np.ndarray, need: int) -> tuple[list[_Candidate], tu
     # Pixels that belong to another sizeable flat region: a step onto one says nothing about how a region meets the
     # photo (a hole cut into a clipped shadow has a hard step onto the shadow, and the shadow onto the hole).
     flat_elsewhere = (sizes >= max(need // 4, 16))[labels]
+    histogram = np.bincount(gray.ravel(), minlength=256)
     rank = np.zeros(sizes.size, dtype=np.int32)
     rank[big] = np.arange(1, big.size + 1)  # find_objects over the few big labels only
     boxes = ndimage.find_objects(rank[labels])
@@ -214,7 +216,7 @@ def _exact_candidates(gray: np.ndarray, need: int) -> tuple[list[_Candidate], tu
         region = labels[box] == label
         fill = int(gray[box][region][0])
         ignore = flat_elsewhere[box] & ~region
-        out.append(_judge_exact(gray, box, region, fill, ignore))
+        out.append(_judge_exact(gray, box, region, fill, ignore, histogram))
     return out, largest
 
 
@@ -266,7 +268,7 @@ def _lossy_candidates(gray: np.ndarray, need: int, max_fraction: float) -> list[
 
 
 # ------------------------------------------------------------------------------------------------------------ evidence
-def _judge_exact(gray, box, region, fill, ignore) -> _Candidate:
+def _judge_exact(gray, box, region, fill, ignore, histogram) -> _Candidate:
     """Evidence for an exactly constant region: the step to each 4-neighbour outside it."""
     ring = _dilate(region, 0) & ~region
     steps = np.abs(gray[box][ring].astype(np.int16) - fill)
@@ -277,7 +279,10 @@ def _judge_exact(gray, box, region, fill, ignore) -> _Candidate:
     # Neighbours 1-4 levels off the fill: JPEG ringing around the exact core of a smeared fill (pasted fill in a PNG
     # meets the photo, which is that close to the fill on <= 34% of the outline in the tuning set).
     ev["ringing_share"] = float(((steps >= 1) & (steps <= LOSSY_TOLERANCE)).mean()) if steps.size else 0.0
-    return _Candidate(box, region, fill, False, ev, _verdict(ev, need=0, hard_share=EXACT_HARD_SHARE))
+    rejected = _verdict(ev, need=0, hard_share=EXACT_HARD_SHARE)
+    if not rejected and _clip_end(histogram, region, gray[box], fill) == "bright":
+        rejected = _BLOWN.format(fill=fill)
+    return _Candidate(box, region, fill, False, ev, rejected)
 
 
 def _judge_lossy(gray, box, region, fill, histogram, *, need) -> _Candidate:
@@ -303,8 +308,7 @@ def _judge_lossy(gray, box, region, fill, histogram, *, need) -> _Candidate:
     runs_off_dark = clip == "dark" and ev["border_share"] > 0
     edge_ok = not _verdict(ev, need=0, hard_share=LOSSY_HARD_SHARE) and clip != "bright" and not runs_off_dark
     if not rejected and clip == "bright":
-        rejected = (f"nothing in the photo is brighter than {fill}: in a JPEG a blown highlight cannot be told from "
-                    f"a constant fill")
+        rejected = _BLOWN.format(fill=fill)
     if not rejected and runs_off_dark:
         rejected = (f"nothing in the photo is darker than {fill} and it runs off the frame: in a JPEG a shadow "
                     f"(crushed to one value, its ringing clipped) cannot be told from a constant fill there")
@@ -315,14 +319,18 @@ def _judge_lossy(gray, box, region, fill, histogram, *, need) -> _Candidate:
     return _Candidate(box, region, fill, True, ev, rejected, edge_ok)
 
 
+_BLOWN = "nothing in the photo is brighter than {fill}: a blown highlight (DACON fills are 0-100)"
+
+
 def _clip_end(histogram: np.ndarray, region: np.ndarray, crop: np.ndarray, fill: int) -> str:
     """"dark" / "bright" when almost no pixel outside ``region`` is darker / brighter than ``fill`` (by more than
-    ``CLIP_MARGIN`` levels): the region sits where the photo's tones end, where shadows crush and highlights clip."""
+    ``CLIP_MARGIN`` levels): the region sits where the photo's tones end, where shadows crush (at the photo's own black
+    point, often lifted) and highlights clip (at the top of the code range: ``fill >= CLIP_BRIGHT``)."""
     outside = histogram - np.bincount(crop[region], minlength=256)
     allowed = CLIP_SHARE * outside.sum()
     if outside[: max(fill - CLIP_MARGIN, 0)].sum() <= allowed:
         return "dark"
-    if outside[fill + CLIP_MARGIN + 1 :].sum() <= allowed:
+    if fill >= CLIP_BRIGHT and outside[fill + CLIP_MARGIN + 1 :].sum() <= allowed:
         return "bright"
     return ""
 
