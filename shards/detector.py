@@ -28,7 +28,7 @@ value is only a *candidate*; it is called damage when the pixels around it say i
 ``detect_mask`` is the two-value interface the packer uses. The thresholds were set on DACON-style damage over one
 set of photos (Debian wallpaper photographs) and measured on another (the photos bundled with scikit-image,
 scikit-learn and matplotlib): ``bench/detector.py``, results in ``bench/RESULTS.md``. Sizes scale with the image
-(64x64 test images work); about 7 ms per 512x512 PNG, 13-21 ms per JPEG on one core.
+(64x64 test images work); 7-8 CPU ms per 512x512 PNG, 18-36 per JPEG.
 """
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ from scipy import ndimage
 from skimage import measure
 
 # Evidence thresholds (bench/detector.py measures them; the module docstring says why each exists).
-EXACT_HARD_SHARE = 0.6  # lossless: share of the visible outline with a hard step (tuning photos' natural regions <= 0.59)
+EXACT_HARD_SHARE = 0.6  # lossless: share of the visible outline with a hard step (natural regions in the tuning
+# photos: at most 0.59, a lamp blown out to 255, which the bright-end rule rejects anyway)
 LOSSY_HARD_SHARE = 0.6  # lossy: the same, for the coarser step 2-3 px out
 MAX_BORDER_SHARE = 0.5  # share of the outline on the image border beyond which nothing is seen
 EXACT_SOFT_STEP = 2  # lossless: a neighbour within this many levels of the fill continues it smoothly
