@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -234,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         recipe, _, over = rest.partition(":")
         if not name or recipe not in ("demo", "quality"):
             ap.error(f"--variant {text!r}: expected NAME=demo|quality:key=value,...")
-        plans.append((name, recipe, [o for o in over.split(",") if o]))
+        # a comma starts the next override only before "key=" (values such as stage_split=0.1,0.8 keep theirs)
+        plans.append((name, recipe, [o for o in re.split(r",(?=[A-Za-z_]+=)", over) if o]))
     extra = list(args.extra_photos)
     if any(r == "quality" for _, r, _ in plans) and not extra and not args.tiny:
         extra = [p.parent for p in fetch_packages(TRAIN_PACKAGES, args.cache)[:1]]
