@@ -55,7 +55,7 @@ class ModelConfig:
     encoder_weights: str | None = None  # None | "imagenet" | a local file
     decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
     cbam: bool = True
-    color_mode: str = "rgb"
+    color_mode: str = "chroma"
     color_size: int = 0  # stage 2 colorizes images with a larger short side shrunk to this size (0: full resolution)
     prefill: str = "harmonic"  # stage 1 starts from a classical fill of the hole (restore.prefill); none: from the fill
 

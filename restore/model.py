@@ -47,7 +47,7 @@ class ModelSpec:
     cbam: bool = True
     cbam_reduction: int = 16
     cbam_kernel: int = 7
-    color_mode: str = "rgb"
+    color_mode: str = "chroma"
     # Stage 1's starting image in the hole (restore.prefill): "harmonic" (classical fill, the network learns a
     # correction) or "none" (the constant damage value, as checkpoints written before the prefill existed).
     prefill: str = "harmonic"
