@@ -81,3 +81,42 @@ def test_untrained_inpainter_returns_the_prefill_and_old_specs_keep_no_prefill()
         assert not torch.equal(legacy.inpaint(damaged, mask), harmonic_fill(damaged, mask))
     with pytest.raises(ValueError, match="prefill must be one of"):
         ModelSpec(prefill="telea")
+
+
+def test_training_and_inference_feed_stage_1_the_same_prefilled_image(tmp_path):
+    """The job's training forward and the inference engine give the inpainting network the same input for the same
+    damaged image: the harmonic fill of its hole (the prefill lives in the model, not in either pipeline)."""
+    from job.train import StageLoss, batch_to_device
+    from restore.batch_infer import Engine
+    from restore.losses import Stage1Loss, Stage2Loss
+    from restore.model import inference_checkpoint
+
+    gt = np.ascontiguousarray(skdata.astronaut()[100:164, 200:264])
+    mask = np.zeros((64, 64), bool)
+    mask[20:40, 12:44] = True  # the known hole
+    gray = damage.apply_damage(damage.to_gray(gt), mask, 37)
+    torch.manual_seed(0)
+    model = build_model(TINY)
+    torch.save(inference_checkpoint(model), tmp_path / "ckpt.pt")
+
+    seen = {}
+
+    def capture(name):
+        return lambda module, args: seen.__setitem__(name, args[0].detach().float().contiguous().clone())
+
+    model.inpainter.net.register_forward_pre_hook(capture("training"))
+    batch = {"input": torch.from_numpy(gray)[None, None], "mask": torch.from_numpy(mask.astype(np.uint8))[None, None],
+             "gt_gray": torch.from_numpy(np.array(damage.to_gray(gt)))[None, None], "gt": torch.from_numpy(gt)[None]}
+    b = batch_to_device(batch, torch.device("cpu"), channels_last=True)
+    StageLoss(model, Stage1Loss(), Stage2Loss(), "joint")(b["input"], b["mask"], b["gt_gray"], b["gt"])
+
+    engine = Engine([tmp_path / "ckpt.pt"], device="cpu")
+    engine.models[0].inpainter.net.register_forward_pre_hook(capture("inference"))
+    engine.restore(gray[None], mask[None])
+
+    assert torch.equal(seen["training"], seen["inference"])
+    # what both saw: the prefilled image (normalized as the model does) and the mask
+    start = harmonic_fill(torch.from_numpy(gray).float()[None, None] / 255, torch.from_numpy(mask).float()[None, None])
+    assert torch.allclose(seen["training"][:, :1] * 0.225 + 0.5, start, atol=1e-6)
+    assert not torch.allclose(start[0, 0][torch.from_numpy(mask)], torch.tensor(37 / 255))  # the fill is gone
+    assert torch.allclose(seen["training"][:, 1:] * 0.225 + 0.5, torch.from_numpy(mask).float()[None, None])
