@@ -263,3 +263,13 @@ def test_color_study_tiny_trains_every_formulation_and_scores_it_beside_gray(tmp
     assert all(s["n"] == 2 and -1 <= s["hist_sim"] <= 1 for s in out["scores"].values())
     with Image.open(tmp_path / "work" / "color_grid.png") as grid:
         assert grid.size == (6 * 64, 2 * 64)  # truth + 5 formulations, 2 crops
+
+
+def test_large_scan_tiny_measures_both_paths_in_fresh_processes(tmp_path):
+    bench("large_scan.py", "--tiny", "--threads", "1", "--json", tmp_path / "l.json")
+    rows = {r["path"]: r for r in json.loads((tmp_path / "l.json").read_text())}
+    assert set(rows) == {"large", "full"}
+    for r in rows.values():
+        assert r["status"] == "ok" and r["shape"] == [600, 800, 3] and r["known_luma_exact"], r
+        assert r["seconds"] > 0 and r["peak_rss_gib"] > r["grew_gib"] >= 0
+    assert rows["large"]["detail"]["crops"] >= 2  # the hole and the scratch
