@@ -247,19 +247,23 @@ class LargeImageRestorer:
                     n += 1
         return total / n
 
-    def restore(self, gray: np.ndarray, mask: np.ndarray, name: str = "") -> np.ndarray:
-        """``gray`` uint8 [H, W], ``mask`` [H, W] (nonzero = hole) -> RGB uint8 [H, W, 3] of the same size."""
+    def restore(self, gray: np.ndarray, mask: np.ndarray, name: str = "", out: np.ndarray | None = None,
+                ) -> np.ndarray:
+        """``gray`` uint8 [H, W], ``mask`` [H, W] (nonzero = hole) -> RGB uint8 [H, W, 3] of the same size, written
+        into ``out`` when given (a batch's row, so the image is not copied again)."""
         if gray.ndim != 2 or gray.dtype != np.uint8:
             raise ValueError(f"gray must be uint8 [H, W], got {gray.dtype} {gray.shape}")
         if mask.shape != gray.shape:
             raise ValueError(f"mask {mask.shape} and gray {gray.shape} differ in size")
+        if out is not None and (out.shape != (*gray.shape, 3) or out.dtype != np.uint8):
+            raise ValueError(f"out must be uint8 {(*gray.shape, 3)}, got {out.dtype} {out.shape}")
         start = time.perf_counter()
         hole = mask != 0
         restored, crops, groups = self._inpaint(gray, hole)
         inpainted = time.perf_counter()
         chroma, color_size = self._colorize(restored)
         colorized = time.perf_counter()
-        rgb = self._compose(restored, chroma)
+        rgb = self._compose(restored, chroma, out)
         end = time.perf_counter()
         height, width = gray.shape
         self.last = {
@@ -317,10 +321,10 @@ class LargeImageRestorer:
         rgb = self._average(lambda model, x: model.colorize(x), small)
         return rgb_to_chroma(rgb.clamp(0.0, 1.0)), size
 
-    def _compose(self, restored: np.ndarray, chroma: torch.Tensor) -> np.ndarray:
+    def _compose(self, restored: np.ndarray, chroma: torch.Tensor, out: np.ndarray | None = None) -> np.ndarray:
         """The chroma upsampled (bilinear, as ``F.interpolate``) onto the full-resolution luma, strip by strip."""
         height, width = restored.shape
-        out = np.empty((height, width, 3), np.uint8)
+        out = np.empty((height, width, 3), np.uint8) if out is None else out
         for r0, r1, strip_chroma in upsampled_rows(chroma, height, width, max(1, self.strip_pixels // width)):
             luma8 = torch.from_numpy(np.ascontiguousarray(restored[r0:r1])).to(self.device)[None]
             rgb = compose_chroma(luma8[:, None].float() / 255.0, strip_chroma)

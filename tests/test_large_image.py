@@ -135,7 +135,9 @@ def test_large_image_keeps_the_luma_and_fills_the_holes(tiny_model):
 
 def test_clean_large_image_is_only_colorized(tiny_model):
     gray = _photo(700, 1000)
-    rgb = LargeImageRestorer(tiny_model, work_size=128).restore(gray, np.zeros_like(gray))
+    batch = np.zeros((2, 700, 1000, 3), np.uint8)
+    rgb = LargeImageRestorer(tiny_model, work_size=128).restore(gray, np.zeros_like(gray), out=batch[1])
+    assert rgb.base is batch and (batch[0] == 0).all()
     assert (np.asarray(Image.fromarray(rgb).convert("L")) == gray).all()
 
 
