@@ -5,7 +5,7 @@
     python bench/infer_throughput.py --tiny        # CPU smoke: 8 images of 64x64, timm's test encoder
 
 Both paths do the same work on the same shards: read + decode the tar members, both stages (bf16 autocast and
-channels_last on a GPU, via ``restore.batch_infer.Engine``), luminance compositing, PNG encode and an atomic write
+channels_last on a GPU, via ``restore.engine.Engine``), luminance compositing, PNG encode and an atomic write
 of ``KEY.png``:
 
 - plain:  one process, ``shards.reader.iter_samples`` -> batches -> ``Engine.restore`` -> ``encode_png`` -> write,
@@ -16,7 +16,7 @@ of ``KEY.png``:
           time after its first batch is split into the model, the rest of its calls and outside its calls (waiting).
 
 Then the CPU side alone, in CPU seconds of one core per image (robust to a busy machine): the read stage
-(``batch_infer.read_item``: tar, input and mask decode, no gt), Ray building a block from those rows (the read
+(``inputs.read_item``: tar, input and mask decode, no gt), Ray building a block from those rows (the read
 task's other cost) and the write stage (``encode_png`` + atomic write) for
 each ``--png-compression`` setting, and the cores a GPU needs beside it at ``--target-img-s`` (default 500): what
 bounds the end-to-end rate once the GPU is fast enough; and the model actor's cost of handing a batch of images to
@@ -46,7 +46,8 @@ import numpy as np
 from PIL import Image
 from skimage import data as skdata
 
-from restore import batch_infer
+from restore import batch_infer, inputs, ray_pipeline
+from restore.engine import BENCHMARK_AFTER_CALLS, Engine
 from shards import schema
 from shards.reader import iter_samples, shard_paths
 from report import op_profile, print_op_profile  # bench/report.py, beside this script
@@ -86,7 +87,7 @@ def make_checkpoint(path: Path, encoder: str, decoder_channels: tuple[int, ...],
 def plain_loop(split: Path, checkpoint: Path, png_dir: Path, batch_size: int, tta: bool) -> dict:
     """The single-process baseline, with a per-stage profile (seconds per image)."""
     start = time.perf_counter()
-    engine = batch_infer.Engine([checkpoint], tta=tta)
+    engine = Engine([checkpoint], tta=tta)
     first = next(iter_samples(shard_paths(split)))
     engine.restore(np.stack([first.input] * batch_size), np.stack([first.mask] * batch_size))  # warm-up
     engine.forward_passes = 0
@@ -136,9 +137,9 @@ def cpu_budget(split: Path, rgb_dir: Path, scratch: Path, target_img_s: float, m
     a 1,024-image run would add minutes (seen on a GPU run that hit its time limit there)."""
     from ray.data._internal.delegating_block_builder import DelegatingBlockBuilder
 
-    plan = batch_infer.plan_shards(split)
+    plan = inputs.plan_shards(split)
     start = time.process_time()
-    rows = [row for item in plan.items for row in batch_infer.read_item(item, with_gt=False)]
+    rows = [row for item in plan.items for row in inputs.read_item(item, with_gt=False)]
     read_s = (time.process_time() - start) / len(rows)
     # What Ray Data does with the read task's rows (flat_map output) before they travel: build an Arrow block.
     start = time.process_time()
@@ -166,8 +167,8 @@ def cpu_budget(split: Path, rgb_dir: Path, scratch: Path, target_img_s: float, m
     from ray.data.block import BlockAccessor
 
     batch = images[:32]
-    columns = {"object array": batch_infer._object_array(batch),
-               "dense (actor default)": batch_infer._rgb_column(batch, list(range(len(batch))))}
+    columns = {"object array": ray_pipeline._object_array(batch),
+               "dense (actor default)": ray_pipeline._rgb_column(batch, list(range(len(batch))))}
     out["actor_output_ms_per_img"] = {}
     for name, column in columns.items():
         start = time.process_time()
@@ -199,14 +200,14 @@ def model_variants(checkpoint: Path, gray: np.ndarray, mask: np.ndarray, names: 
     results: dict[str, dict] = {}
     reference = None
     for name in names:
-        engine = batch_infer.Engine([checkpoint], tta=tta, batch_size=len(gray), compile_backend=backend,
+        engine = Engine([checkpoint], tta=tta, batch_size=len(gray), compile_backend=backend,
                                     **MODEL_VARIANTS[name])
         if engine.cuda:
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         out = engine.restore(gray, mask)
         first_s = time.perf_counter() - start
-        for _ in range(batch_infer.BENCHMARK_AFTER_CALLS):  # past the call that runs cuDNN's autotuner
+        for _ in range(BENCHMARK_AFTER_CALLS):  # past the call that runs cuDNN's autotuner
             engine.restore(gray, mask)
         calls, start = 0, time.perf_counter()
         while calls < 2 or time.perf_counter() - start < seconds:
@@ -229,8 +230,8 @@ def profile_engine(checkpoint: Path, gray: np.ndarray, mask: np.ndarray, calls: 
     """torch.profiler over ``calls`` warm calls of the default engine: the ops that take the device's time."""
     from torch.profiler import ProfilerActivity, profile
 
-    engine = batch_infer.Engine([checkpoint], tta=tta, batch_size=len(gray))
-    for _ in range(batch_infer.BENCHMARK_AFTER_CALLS + 1):
+    engine = Engine([checkpoint], tta=tta, batch_size=len(gray))
+    for _ in range(BENCHMARK_AFTER_CALLS + 1):
         engine.restore(gray, mask)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.cuda else [])
     with profile(activities=activities) as prof:

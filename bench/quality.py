@@ -155,7 +155,7 @@ def score_all(held_split: Path, models: list[dict], grid_path: Path, grid_rows: 
     from PIL import Image
 
     from restore import baselines
-    from restore.batch_infer import Engine
+    from restore.engine import Engine
     from restore.prefill import harmonic_fill
     from restore.score import score_image, summarize
     from shards.reader import iter_samples, shard_paths

@@ -4,18 +4,13 @@
     python -m restore.batch_infer --images scans/ --out restored.zip --png-dir restored/ --skip-bad
     python -m restore.batch_infer --shards archive/ --no-zip --png-dir out/ --compile default   # millions of images
 
-Pipeline (Ray Data, streaming, so a test set of millions never sits in memory):
+This module is the command line and the run's summary. The parts, each in its own module:
 
-    from_items(one item per shard) -> flat_map(read + decode)      one read task per shard, CPU
-      -> map_batches(RestoreWorker, ActorPoolStrategy(size=N))      the model, loaded once per actor; GPU or CPU
-      -> map_batches(write_outputs)                                  PNG encode + atomic write (+ score), CPU tasks
-      -> the driver: progress bar, bad keys, summary, then the zip
-
-Reading goes through ``shards.reader.decode_sample`` on webdataset's raw per-key dicts rather than
-``ray.data.read_webdataset``: the project's decoder is the one place that checks a sample (mode L input, mask, sizes)
-and names the key and the shard in its errors, and decoding per sample lets one corrupt member become one bad key
-(``--skip-bad``) instead of a failed read task. PNG encoding is a separate CPU stage so a GPU actor never waits on
-zlib, and the encoders scale with the cluster's CPUs independently of the number of model actors.
+    restore.inputs        planning (which keys, which read tasks) and the read stage: shards, image folders, masks
+    restore.engine        the checkpoints on one device: Engine.restore(gray, mask) -> rgb (no Ray)
+    restore.ray_pipeline  Ray Data, streaming (a test set of millions never sits in memory): read tasks ->
+                          RestoreWorker actors (the Engine) -> PNG writers -> the driver's progress bar
+    restore.submission    the zip: temp name, verified, renamed
 
 Exactly-once and resumable: each ``KEY.png`` is written to a temp name and renamed, so an existing ``KEY.png`` is
 complete; a rerun skips those keys (their input is read only for its size), deletes leftover temp files, and the
@@ -44,116 +39,27 @@ Exit codes: 0 done (with ``--skip-bad`` possibly without the bad keys, listed in
 """
 from __future__ import annotations
 
+from __future__ import annotations
+
 import argparse
-import io
-import logging
-import os
-import re
-import socket
 import sys
-import tempfile
 import time
-import warnings
-import zipfile
-from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
-import numpy as np
-from PIL import Image
-
+from restore.engine import COMPILE_MODES
+from restore.inputs import BAD, TODO, BadInput, Plan, finished_keys, plan_images, plan_shards, remove_temp_files
+from restore.ray_pipeline import ACTOR_TIME_COLUMNS, SCORE_TERMS, run_pipeline
+from restore.submission import build_zip
 from shards import schema
-from shards.damage import NoDamageFound, detect_mask
-from shards.reader import decode_sample, read_manifest, shard_paths
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
 BAD_KEYS_NAME = "bad_keys.json"
-IMAGES_PER_READ_TASK = 64  # --images mode: files per read task (one task per shard in --shards mode)
-TODO, DONE, BAD = "todo", "done", "bad"
-SCORE_TERMS = ("score", "ssim", "masked_ssim", "hist_sim")
-# schema.atomic_write_bytes names its temp files ".KEY.png.<random>.tmp"
-_TEMP_PNG = re.compile(r"^\..+\.png\..+\.tmp$")
-
-_EMPTY_GRAY = np.zeros((0, 0), np.uint8)
-_EMPTY_RGB = np.zeros((0, 0, 3), np.uint8)
 
 
-class BadInput(Exception):
-    """A problem with the user's input; the message names the file and the problem (exit 2)."""
-
-
-# ---------------------------------------------------------------------------------------------- planning (driver)
-@dataclass
-class Plan:
-    """What to restore: the expected keys (the zip must hold exactly these) and the read tasks' items."""
-
-    kind: str  # "shards" | "images"
-    source: Path
-    keys: list[str]
-    items: list[dict] = field(default_factory=list)
-
-
-def plan_shards(split_dir: str | os.PathLike) -> Plan:
-    split_dir = Path(split_dir)
-    try:
-        manifest = read_manifest(split_dir)
-        paths = shard_paths(split_dir)
-    except (FileNotFoundError, ValueError) as exc:
-        raise BadInput(str(exc)) from exc
-    items, keys = [], []
-    for entry, path in zip(manifest["shards"], paths):
-        shard_keys = list(entry.get("keys") or [])
-        if not shard_keys and entry.get("count"):
-            raise BadInput(f"{split_dir / schema.MANIFEST_NAME}: shard {entry['name']} lists no keys")
-        items.append({"kind": "shard", "path": str(path), "keys": shard_keys})
-        keys.extend(shard_keys)
-    duplicates = sorted(k for k, n in Counter(keys).items() if n > 1)
-    if duplicates:
-        raise BadInput(f"{split_dir / schema.MANIFEST_NAME}: keys listed twice: {', '.join(duplicates[:10])}")
-    if not keys:
-        raise BadInput(f"{split_dir / schema.MANIFEST_NAME}: the manifest lists no samples (empty split)")
-    return Plan("shards", split_dir, keys, items)
-
-
-def plan_images(image_dir: str | os.PathLike) -> Plan:
-    """Every ``*.png`` directly in ``image_dir``; the key (and output name) is the file's stem."""
-    image_dir = Path(image_dir)
-    if not image_dir.is_dir():
-        raise BadInput(f"image directory {image_dir} does not exist")
-    files = sorted(p for p in image_dir.iterdir() if p.is_file() and p.suffix.lower() == ".png")
-    if not files:
-        raise BadInput(f"image directory {image_dir} holds no .png files")
-    stems: dict[str, Path] = {}
-    for p in files:
-        if p.stem in stems:
-            raise BadInput(f"{image_dir}: {stems[p.stem].name} and {p.name} would both be written as {p.stem}.png")
-        stems[p.stem] = p
-    items = []
-    for i in range(0, len(files), IMAGES_PER_READ_TASK):
-        chunk = files[i : i + IMAGES_PER_READ_TASK]
-        items.append({"kind": "images", "paths": [str(p) for p in chunk], "keys": [p.stem for p in chunk]})
-    return Plan("images", image_dir, [p.stem for p in files], items)
-
-
-def finished_keys(png_dir: Path) -> set[str]:
-    """Keys whose ``KEY.png`` exists in ``png_dir`` (complete by construction: temp + rename)."""
-    if not png_dir.is_dir():
-        return set()
-    return {p.stem for p in png_dir.iterdir() if p.suffix == ".png" and not p.name.startswith(".")}
-
-
-def remove_temp_files(png_dir: Path) -> int:
-    """Delete temp files a crashed run left behind; returns how many."""
-    if not png_dir.is_dir():
-        return 0
-    leftovers = [p for p in png_dir.iterdir() if _TEMP_PNG.match(p.name)]
-    for p in leftovers:
-        p.unlink(missing_ok=True)
-    return len(leftovers)
-
-
+# ---------------------------------------------------------------------------------------------- checkpoints (driver)
 def newest_run(runs_dir: Path) -> Path:
     """The run dir under ``runs_dir`` whose checkpoints changed last (its best.pt is then used)."""
     candidates = []
@@ -213,547 +119,9 @@ def check_checkpoints(paths: Sequence[Path]) -> list[dict]:
     return specs
 
 
-# ---------------------------------------------------------------------------------------------- read stage (tasks)
-def _row(key: str, where: str, status: str, *, error: str = "", note: str = "", size: tuple[int, int] = (0, 0),
-         gray: np.ndarray = _EMPTY_GRAY, mask: np.ndarray = _EMPTY_GRAY, gt: np.ndarray | None = None,
-         with_gt: bool = False) -> dict:
-    row = {"key": key, "where": where, "status": status, "error": error, "note": note,
-           "height": int(size[0]), "width": int(size[1]), "input": gray, "mask": mask}
-    if with_gt:
-        row["gt"] = gt if gt is not None else _EMPTY_RGB
-    return row
-
-
-def _png_size(data: bytes) -> tuple[int, int]:
-    with Image.open(io.BytesIO(data)) as img:  # reads the header only
-        return img.height, img.width
-
-
-def read_item(item: dict, *, with_gt: bool) -> Iterator[dict]:
-    """Rows of one read item (a shard or a chunk of image files); never raises for bad data, emits ``bad`` rows."""
-    if item["kind"] == "shard":
-        yield from _read_shard(item, with_gt=with_gt)
-    else:
-        yield from _read_images(item)
-
-
-def _read_shard(item: dict, *, with_gt: bool) -> Iterator[dict]:
-    import webdataset as wds
-
-    path, expected, done = item["path"], set(item["keys"]), set(item.get("done", ()))
-    seen: set[str] = set()
-    try:
-        dataset = wds.WebDataset([path], shardshuffle=False, nodesplitter=None, workersplitter=None,
-                                 empty_check=False)
-        for raw in dataset:
-            key = raw.get("__key__", "?")
-            if key not in expected:
-                yield _row(key, path, BAD, error=f"{path}: sample {key!r} is not in the manifest", with_gt=with_gt)
-                continue
-            if key in seen:
-                yield _row(key, path, BAD, error=f"{path}: sample {key!r} appears twice", with_gt=with_gt)
-                continue
-            seen.add(key)
-            if key in done and not with_gt:
-                try:  # finished already: only the size is needed, for verifying the zip
-                    yield _row(key, path, DONE, size=_png_size(raw[schema.INPUT_EXT]))
-                except Exception as exc:  # a missing or corrupt input member
-                    yield _row(key, path, BAD, error=f"sample {key!r} in {path}: {schema.INPUT_EXT}: {exc}")
-                continue
-            try:
-                sample = decode_sample(raw, with_gt=with_gt)
-            except ValueError as exc:
-                yield _row(key, path, BAD, error=str(exc), with_gt=with_gt)
-                continue
-            if with_gt and sample.gt is None:
-                yield _row(key, path, BAD, error=f"sample {key!r} in {path} has no gt (--score needs it)",
-                           with_gt=with_gt)
-                continue
-            yield _row(key, path, DONE if key in done else TODO, size=sample.input.shape, gray=sample.input,
-                       mask=sample.mask.astype(np.uint8), gt=sample.gt, with_gt=with_gt)
-    except Exception as exc:  # the tar itself is unreadable (truncated, not a tar)
-        for key in sorted(expected - seen):
-            yield _row(key, path, BAD, error=f"{path}: unreadable shard ({type(exc).__name__}: {exc}); "
-                                             f"sample {key!r} not read", with_gt=with_gt)
-        return
-    for key in sorted(expected - seen):
-        yield _row(key, path, BAD, error=f"{path}: sample {key!r} is in the manifest but not in the shard",
-                   with_gt=with_gt)
-
-
-def load_gray_png(path: str) -> np.ndarray:
-    """A damaged input file as uint8 [H,W]: mode L, or RGB with R == G == B; ``ValueError`` naming it otherwise."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            mode = img.mode
-            array = np.asarray(img)
-    except Exception as exc:
-        raise ValueError(f"{path}: cannot read PNG ({exc})") from exc
-    if mode == "L":
-        return array
-    if mode == "RGB" and (array[..., 0] == array[..., 1]).all() and (array[..., 1] == array[..., 2]).all():
-        return np.ascontiguousarray(array[..., 0])
-    raise ValueError(f"{path}: expected a gray PNG (mode L), got mode {mode}")
-
-
-def _read_images(item: dict) -> Iterator[dict]:
-    done = set(item.get("done", ()))
-    for path, key in zip(item["paths"], item["keys"]):
-        if key in done:
-            try:
-                with Image.open(path) as img:
-                    yield _row(key, path, DONE, size=(img.height, img.width))
-            except Exception as exc:
-                yield _row(key, path, BAD, error=f"{path}: cannot read PNG ({exc})")
-            continue
-        try:
-            gray = load_gray_png(path)
-        except ValueError as exc:
-            yield _row(key, path, BAD, error=str(exc))
-            continue
-        note = ""
-        try:
-            mask, _fill = detect_mask(gray)
-        except NoDamageFound as exc:  # an undamaged photo still gets colorized
-            mask, note = np.zeros(gray.shape, bool), f"no damage detected ({exc}); colorized only"
-        yield _row(key, path, TODO, note=note, size=gray.shape, gray=gray, mask=mask.astype(np.uint8))
-
-
-# ---------------------------------------------------------------------------------------------- the model (actors)
-# torch.compile settings for the model actors: "off" (eager), or a torch.compile mode. Compiled actors run one static
-# batch shape (the last, short batch is padded) so the model compiles once per image size; "reduce-overhead" adds
-# CUDA graphs on top of that.
-COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
-# cuDNN's autotuner searches kernels anew for every input shape: worth it for a shape that recurs (a packed split of
-# one size), wasted on a folder of photos that all differ. So an engine turns it on for a shape's third call.
-BENCHMARK_AFTER_CALLS = 3
-
-
-class Engine:
-    """The checkpoints on one device: ``restore(gray, mask) -> rgb uint8`` with averaging, TTA and compositing.
-
-    Used by the Ray actors and by ``bench/infer_throughput.py``'s plain loop, so both run the same numerics.
-    ``batch_size`` splits larger inputs into model calls of at most that many images; with ``compile`` on it is the
-    static batch every call is padded to. ``compile_backend`` is torch.compile's (tests use "aot_eager", which traces
-    the same graphs without generating kernels). ``fuse_bn`` folds each BatchNorm into its conv (``restore.fuse``);
-    by default (None) only for a compiled engine, where the conv's bias fuses into the next op. Eager, a folded
-    BatchNorm only trades its own kernel for cuDNN's separate bias add: 242 vs 246 img/s unfolded on an H100 (two
-    runs each), no difference on a CPU (2026-11-26); left as trained, an eager engine computes what training did.
-    ``channels_last`` runs weights and activations NHWC, on the GPU and the CPU alike. ``compile_cache``: a folder
-    of ``restore.compile_cache`` files that a compiled engine loads before its first call and adds its graphs to
-    after a call that compiled, so an actor started on another node loads them instead of compiling; its log lines
-    collect in ``cache_log``. ``precision``: ``bf16`` runs the model under bf16 autocast with the convolutions'
-    weights held in bf16 (``bf16_weights``; fp16 likewise), ``fp32`` without autocast; ``auto`` follows
-    ``restore.precision``, the rule training uses too: bf16 on a GPU with native bf16, fp16 on older GPUs, fp32 on CPU.
-    """
-
-    def __init__(self, checkpoints: Sequence[str | os.PathLike], *, tta: bool = False, composite: bool = True,
-                 device: str | None = None, batch_size: int | None = None, compile: str = "off",
-                 cudnn_benchmark: bool = True, compile_backend: str = "inductor", fuse_bn: bool | None = None,
-                 channels_last: bool = True, compile_cache: str | os.PathLike | None = None,
-                 precision: str = "auto", bf16_weights: bool = True) -> None:
-        import torch
-
-        from restore.fuse import fuse_batchnorm, restorer_probe
-        from restore.model import load_restorer
-
-        if compile not in COMPILE_MODES:
-            raise ValueError(f"compile={compile!r}: must be one of {', '.join(COMPILE_MODES)}")
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size={batch_size}: must be >= 1")
-        if compile != "off" and batch_size is None:
-            raise ValueError("a compiled engine needs batch_size: the static batch its calls are padded to")
-        self.torch = torch
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.cuda = self.device.type == "cuda"
-        from restore import precision as precision_rule
-
-        self.precision = precision_rule.resolve_for(precision, self.device)  # PrecisionError is a ValueError
-        self.autocast_dtype = precision_rule.autocast_dtype(self.precision)
-        self.tta, self.composite = tta, composite
-        self.batch_size, self.compile, self.cudnn_benchmark = batch_size, compile, cudnn_benchmark
-        self.channels_last = channels_last
-        self.models = []
-        self._calls_per_shape: Counter = Counter()
-        self.fuse_reports = []
-        if fuse_bn is None:
-            fuse_bn = compile != "off"
-        for path in checkpoints:
-            model, _ = load_restorer(path, map_location="cpu")
-            if fuse_bn:  # checked on the CPU in fp32: no TF32 or bf16 rounding in the comparison
-                model, report = fuse_batchnorm(model, *restorer_probe())
-                self.fuse_reports.append(report)
-            model = model.to(self.device)
-            if self.autocast_dtype is not None and bf16_weights:
-                _hold_conv_weights_in(model, self.autocast_dtype)
-            if channels_last:  # the fast path for bf16 on tensor cores, and for oneDNN on CPUs (1.2-1.35x there)
-                model = model.to(memory_format=torch.channels_last)
-            model = model.eval()
-            if compile != "off":
-                # dynamic=False: one graph for the static batch, no shape guards to re-check per call.
-                options = {"mode": compile} if compile_backend == "inductor" else {}  # modes are inductor's
-                model = torch.compile(model, backend=compile_backend, dynamic=False, **options)
-            self.models.append(model)
-        self.forward_passes = 0  # images x models x flips, for the summary and the tests
-        self.padded_images = 0  # images added to fill a compiled engine's static batch
-        self.cache_log: list[str] = []
-        self.compile_cache = None
-        if compile != "off" and compile_backend == "inductor" and compile_cache is not None:
-            from restore.compile_cache import CompileCache
-
-            self.compile_cache = CompileCache.for_device(compile_cache, self.device)
-            self.cache_log += self.compile_cache.load()
-
-    def restore(self, gray: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """``gray`` uint8 [B,H,W], ``mask`` [B,H,W] (nonzero = hole) -> RGB uint8 [B,H,W,3]."""
-        step = self.batch_size or max(len(gray), 1)
-        parts = []
-        for first in range(0, len(gray), step):
-            g, m = gray[first:first + step], mask[first:first + step]
-            short = step - len(g) if self.compile != "off" else 0
-            if short:  # pad with copies of the last image to the static batch; their outputs are dropped
-                g = np.concatenate([g, np.repeat(g[-1:], short, axis=0)])
-                m = np.concatenate([m, np.repeat(m[-1:], short, axis=0)])
-                self.padded_images += short
-            parts.append(self._restore_batch(g, m)[: len(g) - short])
-            if self.compile_cache is not None:  # cheap unless this call compiled (a new size): then it is saved
-                line = self.compile_cache.save(only_if_compiled=True)
-                if line:
-                    self.cache_log.append(line)
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)  # one call: no copy
-
-    def compile_counts(self) -> dict[str, int]:
-        """This process's compiled graphs so far: ``compiled`` (cache misses) and ``cached`` (loaded, not compiled)."""
-        if self.compile == "off":
-            return {"compiled": 0, "cached": 0}
-        from restore.compile_cache import counts
-
-        c = counts()
-        return {"compiled": c["graph_misses"], "cached": c["graph_hits"]}
-
-    def _benchmark_this_call(self, shape: tuple[int, ...]) -> bool:
-        """Whether cuDNN's autotuner runs for this call: from a shape's ``BENCHMARK_AFTER_CALLS``-th call on."""
-        shape = tuple(shape)
-        self._calls_per_shape[shape] += 1
-        return self.cudnn_benchmark and self._calls_per_shape[shape] >= BENCHMARK_AFTER_CALLS
-
-    def _restore_batch(self, gray: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        torch = self.torch
-        benchmark = self._benchmark_this_call(gray.shape)
-        if self.cuda:
-            torch.backends.cudnn.benchmark = benchmark
-        with warnings.catch_warnings():
-            # Ray hands an actor zero-copy, read-only columns; they are only read here (torch warns about them once).
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            g8 = torch.from_numpy(np.ascontiguousarray(gray, dtype=np.uint8)).to(self.device, non_blocking=True)
-            # Nonzero = hole, compared on the device: astype(bool) on the host copied the batch (0.4-0.9 ms per 32
-            # images of 512x512 on the actor's one CPU).
-            hole = torch.from_numpy(np.ascontiguousarray(mask)).to(self.device, non_blocking=True) != 0
-        x = (g8.float() / 255.0)[:, None]
-        m = hole.float()[:, None]
-        if self.channels_last:
-            x, m = x.contiguous(memory_format=torch.channels_last), m.contiguous(memory_format=torch.channels_last)
-        views = [False, True] if self.tta else [False]
-        graphs = self.compile == "reduce-overhead"
-        total = None
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
-            for model in self.models:
-                for flip in views:
-                    xi, mi = (x.flip(-1), m.flip(-1)) if flip else (x, m)
-                    if graphs:  # each call is a new step: its outputs may reuse the previous replay's memory
-                        torch.compiler.cudagraph_mark_step_begin()
-                    _, rgb = model(xi, mi)
-                    rgb = rgb.float().clone() if graphs else rgb.float()
-                    rgb = rgb.flip(-1) if flip else rgb
-                    total = rgb if total is None else total + rgb
-                    self.forward_passes += int(x.shape[0])
-            rgb = total / (len(self.models) * len(views))
-            out = (rgb.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
-            if self.composite:
-                from restore.composite import composite_luma
-
-                out = composite_luma(out, g8, ~hole)
-        return out.permute(0, 2, 3, 1).contiguous().cpu().numpy()
-
-
-def _hold_conv_weights_in(model, dtype) -> None:
-    """Casts every convolution's (and linear layer's) weight and bias to the autocast ``dtype`` (bf16 or fp16), once.
-
-    Under bf16 autocast these are the parameters autocast would cast on every call: two cast kernels per layer, about
-    760 of the ~2,460 kernels of an eager call of 32 images on the two EfficientNet-B4 stages on an H100 (bench
-    profile, 2026-11-26). Autocast leaves a tensor that is already bf16 as it is, and the cast gives the same values
-    it would give, so the outputs do not change. Normalization layers keep their fp32 parameters and statistics, as
-    under autocast alone."""
-    import torch
-    from torch import nn
-
-    for layer in model.modules():
-        if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-            layer.to(dtype)
-
-
-class RestoreWorker:
-    """One Ray actor: the engine loaded once; restores the ``todo`` rows of each batch, passes the others on."""
-
-    def __init__(self, checkpoints: Sequence[str], tta: bool, composite: bool, keep_gt: bool,
-                 batch_size: int | None = None, compile: str = "off", compile_cache: str | None = None) -> None:
-        import torch
-
-        if not torch.cuda.is_available():
-            # Ray sets OMP_NUM_THREADS to the actor's num_cpus; make torch's intra-op pool follow it.
-            torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-        self.engine = Engine(checkpoints, tta=tta, composite=composite, batch_size=batch_size, compile=compile,
-                             compile_cache=compile_cache)
-        self.keep_gt = keep_gt
-        self.name = f"{socket.gethostname()}:{os.getpid()}:{self.engine.device}"
-        # The actor's clock (from the start of its first call) and its seconds in the model and in its calls, so far:
-        # every row carries them, and the driver tells from them what the actor waited on (``actor_time_split``).
-        self._clock_start: float | None = None
-        self._model_s = 0.0
-        self._calls_s = 0.0
-        self._cache_lines_shown = 0
-        self._show_cache_log()
-
-    def _show_cache_log(self) -> None:
-        """Print the engine's new compile-cache lines (Ray shows an actor's output in the driver's)."""
-        for line in self.engine.cache_log[self._cache_lines_shown:]:
-            print(f"{self.name}: {line}", flush=True)
-        self._cache_lines_shown = len(self.engine.cache_log)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        call_start = time.perf_counter()
-        if self._clock_start is None:
-            self._clock_start = call_start
-        n = len(batch["key"])
-        rgb = [_EMPTY_RGB] * n
-        infer_s = np.zeros(n, np.float64)
-        todo = [i for i in range(n) if batch["status"][i] == TODO]
-        by_shape: dict[tuple, list[int]] = defaultdict(list)
-        for i in todo:
-            by_shape[tuple(batch["input"][i].shape)].append(i)
-        out = None
-        for idx in by_shape.values():
-            start = time.perf_counter()
-            out = self.engine.restore(_stacked(batch["input"], idx), _stacked(batch["mask"], idx))
-            model_s = time.perf_counter() - start
-            self._model_s += model_s
-            per_image = model_s / len(idx)
-            for j, i in enumerate(idx):
-                rgb[i], infer_s[i] = out[j], per_image
-        result = {k: batch[k] for k in ("key", "where", "status", "error", "note", "height", "width")}
-        # The usual batch (every row restored, one size): the engine's array is the column as it is. Copying it into
-        # a new one costs the actor ~10 ms per 32 images at 512x512, time in which its GPU would wait.
-        result["rgb"] = out if len(todo) == n and len(by_shape) == 1 else _rgb_column(rgb, todo)
-        result["worker"] = np.array([self.name if s == TODO else "" for s in batch["status"]], dtype=object)
-        result["infer_s"] = infer_s
-        self._show_cache_log()
-        graphs = self.engine.compile_counts()  # so far in this actor; the driver keeps each worker's last
-        result["graphs_compiled"] = np.full(n, graphs["compiled"], np.int64)
-        result["graphs_cached"] = np.full(n, graphs["cached"], np.int64)
-        if self.keep_gt:
-            result["gt"], result["mask"] = batch["gt"], batch["mask"]
-        end = time.perf_counter()
-        self._calls_s += end - call_start
-        result["actor_clock_s"] = np.full(n, end - self._clock_start)
-        result["actor_model_s"] = np.full(n, self._model_s)
-        result["actor_calls_s"] = np.full(n, self._calls_s)
-        # The wall clock too: actors sharing a GPU (or spread over nodes) are pooled by the driver on one time axis.
-        result["actor_end_unix"] = np.full(n, time.time())
-        return result
-
-
-def _stacked(column: np.ndarray, idx: list[int]) -> np.ndarray:
-    """Rows ``idx`` of an image column as one [k,H,W] array. The usual batch (every row, one size) arrives from Ray
-    as one dense array and is passed on as it is: stacking 32 images of 512x512 copies 8 MB per column (~1 ms)."""
-    if len(idx) == len(column) and column.dtype != object and column.ndim == 3:
-        return column
-    return np.stack([column[i] for i in idx])
-
-
-ACTOR_TIME_COLUMNS = ("actor_clock_s", "actor_model_s", "actor_calls_s")
-# What every row carries from its actor, so far (cumulative): the writers pass them on to the driver's worker lines.
-ACTOR_COLUMNS = ("graphs_compiled", "graphs_cached", *ACTOR_TIME_COLUMNS, "actor_end_unix")
-
-
-def actor_time_split(marks: Sequence[tuple[float, float, float]]) -> dict | None:
-    """What one actor did from the end of its first batch (model load, compilation and cuDNN's first calls excluded)
-    to the end of its last: shares of that span in the model (``model``), in the rest of its calls (``calls_other``:
-    stacking, copies, building the result) and outside its calls (``outside_calls``: Ray batching its input and
-    storing its output, or the actor waiting for input because reading does not keep up), and the images it restored
-    in that span and their rate (``images``, ``img_s``: the actor's steady rate, which the driver's view of arriving
-    batches only approximates, as the write stage hands them back in bursts). ``marks``: one per restored image, the
-    actor's (clock, model, calls) seconds at the end of the image's batch, cumulative. None with fewer than two
-    batches."""
-    rate = rate_after_first_batch([clock for clock, _, _ in marks])
-    if rate is None:
-        return None
-    (clock0, model0, calls0), (clock1, model1, calls1) = min(marks), max(marks)
-    span = clock1 - clock0
-    model, calls = model1 - model0, calls1 - calls0
-    return {"span_s": rate["span_s"], "model": round(model / span, 4), "calls_other": round((calls - model) / span, 4),
-            "outside_calls": round(1.0 - calls / span, 4), "images": rate["images"], "img_s": rate["img_s"]}
-
-
-def _rgb_column(rgb: list[np.ndarray], todo: list[int]) -> np.ndarray:
-    """The batch's images as one dense uint8 [B,H,W,3] array when the restored ones share a size (rows not restored
-    get zeros), else an object array. Ray turns both into the same tensor column, but an object array costs the actor
-    0.14-0.22 ms of CPU per 512x512 photo (3 ms for noise-like images) against 0.004 ms for the dense array
-    (bench/infer_throughput.py), time in which the actor is not feeding its GPU."""
-    shapes = {rgb[i].shape for i in todo}
-    if len(shapes) > 1:
-        return _object_array(rgb)
-    dense = np.zeros((len(rgb), *(shapes.pop() if shapes else _EMPTY_RGB.shape)), np.uint8)
-    for i in todo:
-        dense[i] = rgb[i]
-    return dense
-
-
-def _object_array(arrays: list[np.ndarray]) -> np.ndarray:
-    out = np.empty(len(arrays), dtype=object)
-    out[:] = arrays
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- write stage (tasks)
-def write_outputs(batch: dict[str, np.ndarray], *, png_dir: str, score: bool, compression: str = "fast",
-                  ) -> dict[str, np.ndarray]:
-    """Encode and atomically write each restored image as ``png_dir/KEY.png``; score it against gt if asked."""
-    n = len(batch["key"])
-    encode_s = np.zeros(n, np.float64)
-    terms = {t: np.full(n, np.nan) for t in SCORE_TERMS}
-    degenerate = np.array([""] * n, dtype=object)
-    for i in range(n):
-        status, key = batch["status"][i], batch["key"][i]
-        pred = None
-        if status == TODO:
-            start = time.perf_counter()
-            pred = np.asarray(batch["rgb"][i], dtype=np.uint8)
-            schema.atomic_write_bytes(Path(png_dir) / f"{key}.png", schema.encode_png(pred, "RGB", compression))
-            encode_s[i] = time.perf_counter() - start
-        elif status == DONE and score:
-            pred = schema.decode_png((Path(png_dir) / f"{key}.png").read_bytes(), "RGB", f"{png_dir}/{key}.png")
-        if score and pred is not None:
-            from restore.score import score_image
-
-            result = score_image(np.asarray(batch["gt"][i]), pred, np.asarray(batch["mask"][i]).astype(bool))
-            for t in SCORE_TERMS:
-                terms[t][i] = result[t]
-            degenerate[i] = ",".join(result["degenerate"])
-    out = {k: batch[k] for k in ("key", "where", "status", "error", "note", "height", "width", "worker",
-                                 "infer_s", *ACTOR_COLUMNS)}
-    out["encode_s"] = encode_s
-    out["degenerate"] = degenerate
-    out.update(terms)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- the zip (driver)
-def build_zip(png_dir: Path, keys: Sequence[str], sizes: dict[str, tuple[int, int]], out: Path,
-              comment: str = "") -> None:
-    """Write ``out`` (flat, one ``KEY.png`` per key) via a temp name; verify it before the rename."""
-    missing = [k for k in keys if not (png_dir / f"{k}.png").is_file()]
-    if missing:
-        raise RuntimeError(f"{png_dir}: {len(missing)} restored images are missing: {', '.join(missing[:10])}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.*.tmp"):  # a zip temp left by a crashed run
-        stale.unlink(missing_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        # PNG is compressed already: storing is as small and much faster than deflating again.
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
-            for key in keys:
-                zf.write(png_dir / f"{key}.png", arcname=f"{key}.png")
-            zf.comment = comment.encode()[:65535]
-        verify_zip(tmp, keys, sizes)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def verify_zip(path: Path, keys: Sequence[str], sizes: dict[str, tuple[int, int]]) -> None:
-    """Flat; names and count exactly ``KEY.png`` per key; each entry decodes as RGB of its input's (H, W)."""
-    with zipfile.ZipFile(path) as zf:
-        names = zf.namelist()
-        expected = {f"{k}.png" for k in keys}
-        nested = [n for n in names if "/" in n or "\\" in n]
-        if nested or len(names) != len(expected) or set(names) != expected:
-            extra, lacking = sorted(set(names) - expected), sorted(expected - set(names))
-            raise RuntimeError(f"{path}: zip check failed: {len(names)} entries for {len(expected)} keys; "
-                               f"nested {nested[:5]}, unexpected {extra[:5]}, missing {lacking[:5]}")
-        for name in names:
-            with zf.open(name) as member, Image.open(member) as img:
-                img.load()
-                if img.mode != "RGB":
-                    raise RuntimeError(f"{path}: {name} is mode {img.mode}, not RGB")
-                want = sizes.get(name[: -len(".png")])
-                if want is not None and (img.height, img.width) != tuple(want):
-                    raise RuntimeError(f"{path}: {name} is {img.width}x{img.height}, its input is "
-                                       f"{want[1]}x{want[0]}")
-
-
-# ---------------------------------------------------------------------------------------------- the driver
+# ---------------------------------------------------------------------------------------------- the run (driver)
 def default_png_dir(out: Path) -> Path:
     return out.with_name(out.stem + "_png")
-
-
-def start_ray(address: str | None) -> bool:
-    """Connect to (or start) Ray; returns True when this call started it (so the caller shuts it down).
-
-    Without ``--address`` a new local Ray is started (``address="local"``) even if another Ray runs on this machine:
-    joining someone else's cluster silently would be a surprise.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    quiet = dict(include_dashboard=False, logging_level=logging.WARNING, configure_logging=True)
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        ray.init(address="local", num_cpus=os.cpu_count(), **quiet)
-    return True
-
-
-def configure_ray_data() -> None:
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # ours (tqdm over finished batches) replaces Ray's per-operator bars
-    ctx.print_on_execution_start = False
-    ctx.enable_auto_log_stats = False
-    ctx.execution_options.preserve_order = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-
-
-def pool_resources(workers: int | None, gpus_per_worker: float | None, cpus_per_worker: float | None,
-                   ) -> tuple[int, float, float]:
-    """Default to one actor per GPU (or one CPU actor), and refuse what the cluster cannot place (no hang)."""
-    import ray
-
-    total = ray.cluster_resources()
-    gpus, cpus = float(total.get("GPU", 0)), float(total.get("CPU", 1))
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    node_cpus = max((float(r.get("CPU", 0)) for r in nodes), default=cpus)
-    node_gpus = max((float(r.get("GPU", 0)) for r in nodes), default=gpus)
-    if gpus_per_worker is None:
-        gpus_per_worker = 1.0 if gpus >= 1 else 0.0
-    if workers is None:
-        workers = max(1, int(gpus // gpus_per_worker)) if gpus_per_worker > 0 else 1
-    if cpus_per_worker is None:
-        # GPU actors only feed the device; CPU actors get the CPUs but one (the read/write tasks need it), as many
-        # as one node has.
-        cpus_per_worker = 1.0 if gpus_per_worker > 0 else max(1.0, min(node_cpus, float(int((cpus - 1) // workers))))
-    if workers * gpus_per_worker > gpus + 1e-9 or gpus_per_worker > node_gpus + 1e-9:
-        raise BadInput(f"--workers {workers} x --gpus-per-worker {gpus_per_worker:g} does not fit: the Ray cluster "
-                       f"has {gpus:g} GPUs, at most {node_gpus:g} on one node")
-    if cpus_per_worker > node_cpus or workers * cpus_per_worker > cpus - 1 + 1e-9:
-        raise BadInput(f"--workers {workers} x {cpus_per_worker:g} CPUs does not fit and leave a CPU for reading "
-                       f"and writing: the Ray cluster has {cpus:g} CPUs, at most {node_cpus:g} on one node")
-    return workers, gpus_per_worker, cpus_per_worker
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -782,41 +150,7 @@ def run(args: argparse.Namespace) -> dict:
     for item in plan.items:
         item["done"] = [k for k in item["keys"] if k in done]
 
-    import ray
-    import ray.data
-
-    own_ray = start_ray(args.address)
-    try:
-        configure_ray_data()
-        workers, gpus_per_worker, cpus_per_worker = pool_resources(args.workers, args.gpus_per_worker,
-                                                                   args.cpus_per_worker)
-        print(f"ray: {workers} worker(s) x ({gpus_per_worker:g} GPU, {cpus_per_worker:g} CPU), "
-              f"batch {args.batch_size}, tta {'on' if args.tta else 'off'}, "
-              f"composite {'on' if args.composite else 'off'}, compile {args.compile}, "
-              f"{len(checkpoints)} checkpoint(s)")
-        if args.compile != "off":
-            print(f"compile: each actor compiles the model on its first batch (minutes on a GPU, unless the compile "
-                  f"cache has it) before its first images arrive; then every call runs a static batch of "
-                  f"{args.batch_size}; compile cache {cache_dir or 'off'}")
-        ds = ray.data.from_items(plan.items, override_num_blocks=len(plan.items))
-        ds = ds.flat_map(read_item, fn_kwargs={"with_gt": args.score})
-        ds = ds.map_batches(
-            RestoreWorker,
-            fn_constructor_kwargs={"checkpoints": [str(c) for c in checkpoints], "tta": args.tta,
-                                   "composite": args.composite, "keep_gt": args.score,
-                                   "batch_size": args.batch_size, "compile": args.compile,
-                                   "compile_cache": str(cache_dir) if cache_dir else None},
-            compute=ray.data.ActorPoolStrategy(size=workers),
-            batch_size=args.batch_size, batch_format="numpy", num_gpus=gpus_per_worker, num_cpus=cpus_per_worker,
-            zero_copy_batch=True,  # read-only views: neither stage writes its input (older Rays copy by default)
-        )
-        ds = ds.map_batches(write_outputs, fn_kwargs={"png_dir": str(png_dir.resolve()), "score": args.score,
-                                                      "compression": args.png_compression},
-                            batch_size=args.batch_size, batch_format="numpy", zero_copy_batch=True)
-        rows, arrivals = _consume(ds, len(plan.keys), skip_bad=args.skip_bad)
-    finally:
-        if own_ray:
-            ray.shutdown()
+    rows, arrivals = run_pipeline(plan, checkpoints, args, png_dir=png_dir, cache_dir=cache_dir)
     summary = _finish(args, plan, rows, png_dir, out, time.perf_counter() - started)
     # The driver's view of the batches as they arrive: bursty (the writers hand batches back in groups), so the
     # steady rate is the actors' own, pooled (``summary["steady"]``); this one is kept for comparison.
@@ -846,29 +180,24 @@ def steady_rate(arrivals: list[tuple[float, int]]) -> float | None:
     return rate["img_s"] if rate else None
 
 
-def _consume(ds, total: int, *, skip_bad: bool) -> tuple[list[dict], list[tuple[float, int]]]:
-    """Drain the pipeline with a progress bar; the first bad key aborts unless ``skip_bad``.
-
-    Returns the rows and, per arriving batch, (time, images restored in it).
-    """
-    from tqdm import tqdm
-
-    rows: list[dict] = []
-    arrivals: list[tuple[float, int]] = []
-    restored = 0
-    with tqdm(total=total, unit="img", desc="restore", file=sys.stderr, mininterval=1.0, smoothing=0.1) as bar:
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            for i in range(len(batch["key"])):
-                row = {k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()}
-                if row["status"] == BAD and not skip_bad:
-                    raise BadInput(f"{row['error']}\n(rerun with --skip-bad to restore the rest and list the "
-                                   f"bad keys; finished images are kept and will not be redone)")
-                rows.append(row)
-                restored += row["status"] == TODO
-            arrivals.append((time.perf_counter(), int(np.sum(batch["status"] == TODO))))
-            bar.update(len(batch["key"]))
-            bar.set_postfix(restored=restored, refresh=False)
-    return rows, arrivals
+# ---------------------------------------------------------------------------------------------- the summary
+def actor_time_split(marks: Sequence[tuple[float, float, float]]) -> dict | None:
+    """What one actor did from the end of its first batch (model load, compilation and cuDNN's first calls excluded)
+    to the end of its last: shares of that span in the model (``model``), in the rest of its calls (``calls_other``:
+    stacking, copies, building the result) and outside its calls (``outside_calls``: Ray batching its input and
+    storing its output, or the actor waiting for input because reading does not keep up), and the images it restored
+    in that span and their rate (``images``, ``img_s``: the actor's steady rate, which the driver's view of arriving
+    batches only approximates, as the write stage hands them back in bursts). ``marks``: one per restored image, the
+    actor's (clock, model, calls) seconds at the end of the image's batch, cumulative. None with fewer than two
+    batches."""
+    rate = rate_after_first_batch([clock for clock, _, _ in marks])
+    if rate is None:
+        return None
+    (clock0, model0, calls0), (clock1, model1, calls1) = min(marks), max(marks)
+    span = clock1 - clock0
+    model, calls = model1 - model0, calls1 - calls0
+    return {"span_s": rate["span_s"], "model": round(model / span, 4), "calls_other": round((calls - model) / span, 4),
+            "outside_calls": round(1.0 - calls / span, 4), "images": rate["images"], "img_s": rate["img_s"]}
 
 
 def _finish(args: argparse.Namespace, plan: Plan, rows: list[dict], png_dir: Path, out: Path | None,

@@ -20,7 +20,8 @@ import pytest
 import torch
 from PIL import Image
 
-from restore import batch_infer
+from restore import batch_infer, inputs, ray_pipeline
+from restore.engine import Engine
 from restore.composite import composite_luma
 from restore.model import ModelSpec, build_model, inference_checkpoint
 from restore.score import score_image, summarize
@@ -260,7 +261,7 @@ def test_engine_averages_checkpoints_and_flips_and_composites(ckpt, tmp_path):
     gray = rng.integers(0, 256, (2, 64, 64), dtype=np.uint8)
     mask = np.zeros((2, 64, 64), bool)
     mask[:, 10:30, 20:40] = True
-    engine = batch_infer.Engine([ckpt, second], tta=True, composite=True, device="cpu")
+    engine = Engine([ckpt, second], tta=True, composite=True, device="cpu")
     got = engine.restore(gray, mask)
     assert engine.forward_passes == 2 * 2 * 2  # images x checkpoints x views
 
@@ -286,12 +287,12 @@ def test_compiled_engine_pads_to_one_static_batch_and_matches_eager(ckpt):
     gray = rng.integers(0, 256, (7, 64, 64), dtype=np.uint8)
     mask = np.zeros((7, 64, 64), bool)
     mask[:, 8:28, 16:40] = True
-    want = batch_infer.Engine([ckpt], device="cpu", fuse_bn=True).restore(gray, mask)  # folded, as compiled ones are
+    want = Engine([ckpt], device="cpu", fuse_bn=True).restore(gray, mask)  # folded, as compiled ones are
 
     torch._dynamo.reset()
     counters.clear()
     # aot_eager: dynamo traces the real graph (what inductor would compile) without generating kernels.
-    engine = batch_infer.Engine([ckpt], device="cpu", batch_size=3, compile="default", compile_backend="aot_eager")
+    engine = Engine([ckpt], device="cpu", batch_size=3, compile="default", compile_backend="aot_eager")
     got = engine.restore(gray, mask)  # calls of 3, 3 and 1 padded to 3
     assert np.array_equal(got, want)
     assert engine.padded_images == 2 and engine.forward_passes == 9
@@ -305,22 +306,22 @@ def test_engine_folds_batchnorms_runs_channels_last_and_restores_the_same_images
     gray = rng.integers(0, 256, (3, 64, 64), dtype=np.uint8)
     mask = np.zeros((3, 64, 64), bool)
     mask[:, 10:30, 5:45] = True
-    fused = batch_infer.Engine([ckpt], device="cpu", fuse_bn=True)
-    plain = batch_infer.Engine([ckpt], device="cpu")  # eager: the BatchNorms as trained, by default
+    fused = Engine([ckpt], device="cpu", fuse_bn=True)
+    plain = Engine([ckpt], device="cpu")  # eager: the BatchNorms as trained, by default
     (report,) = fused.fuse_reports
     assert report.pairs == report.batchnorms == 68 and report.max_abs_diff < 1e-4
     assert plain.fuse_reports == []
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.models[0].modules())
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.models[0].modules())
     # a compiled engine folds by default (aot_eager: wrapping only, nothing compiles before the first call)
-    compiled = batch_infer.Engine([ckpt], device="cpu", batch_size=3, compile="default", compile_backend="aot_eager")
+    compiled = Engine([ckpt], device="cpu", batch_size=3, compile="default", compile_backend="aot_eager")
     assert len(compiled.fuse_reports) == 1
     got, want = fused.restore(gray, mask), plain.restore(gray, mask)
     assert np.abs(got.astype(np.int16) - want).max() <= 1  # float rounding may move a value across a .5
     # NHWC on the CPU too (oneDNN's fast layout): the same images up to rounding.
     assert fused.channels_last and fused.models[0].inpainter.net.encoder.model.conv_stem.weight.is_contiguous(
         memory_format=torch.channels_last)
-    nchw = batch_infer.Engine([ckpt], device="cpu", fuse_bn=True, channels_last=False).restore(gray, mask)
+    nchw = Engine([ckpt], device="cpu", fuse_bn=True, channels_last=False).restore(gray, mask)
     assert np.abs(got.astype(np.int16) - nchw).max() <= 1
 
 
@@ -352,8 +353,8 @@ def test_bf16_engine_holds_its_conv_weights_in_bf16_so_autocast_casts_none_per_c
     gray = rng.integers(0, 256, (2, 64, 64), dtype=np.uint8)
     mask = np.zeros((2, 64, 64), bool)
     mask[:, 12:40, 8:30] = True
-    held = batch_infer.Engine([ckpt], device="cpu", precision="bf16")
-    cast = batch_infer.Engine([ckpt], device="cpu", precision="bf16", bf16_weights=False)
+    held = Engine([ckpt], device="cpu", precision="bf16")
+    cast = Engine([ckpt], device="cpu", precision="bf16", bf16_weights=False)
     convs = [m for m in held.models[0].modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(c.weight.dtype == torch.bfloat16 for c in convs)
     assert all(c.bias is None or c.bias.dtype == torch.bfloat16 for c in convs)
@@ -365,13 +366,13 @@ def test_bf16_engine_holds_its_conv_weights_in_bf16_so_autocast_casts_none_per_c
     # the same bf16 values reach the convolutions either way: the same images
     assert np.array_equal(held.restore(gray, mask), cast.restore(gray, mask))
     # bf16 is not the CPU's default: there the engine stays fp32, without autocast
-    default = batch_infer.Engine([ckpt], device="cpu")
+    default = Engine([ckpt], device="cpu")
     assert default.precision == "fp32" and all(p.dtype == torch.float32 for p in default.models[0].parameters())
     assert _parameter_casts(default, gray, mask) == 0
     with pytest.raises(ValueError, match="precision=fp16 needs a CUDA device"):
-        batch_infer.Engine([ckpt], device="cpu", precision="fp16")
+        Engine([ckpt], device="cpu", precision="fp16")
     with pytest.raises(ValueError, match="precision='half': must be one of auto, bf16, fp16, fp32"):
-        batch_infer.Engine([ckpt], device="cpu", precision="half")
+        Engine([ckpt], device="cpu", precision="half")
     # one rule for training and inference (restore.precision): auto is bf16 only on a GPU whose tensor cores do
     # bf16 (Ampere and later), fp16 on a T4 or V100, fp32 on the CPU
     from job.train import resolve_precision
@@ -387,21 +388,21 @@ def test_bf16_engine_holds_its_conv_weights_in_bf16_so_autocast_casts_none_per_c
 
 def test_engine_rejects_bad_settings_and_tunes_cudnn_only_for_recurring_shapes(ckpt):
     with pytest.raises(ValueError, match="compile='fast': must be one of off, default, reduce-overhead"):
-        batch_infer.Engine([ckpt], device="cpu", compile="fast")
+        Engine([ckpt], device="cpu", compile="fast")
     with pytest.raises(ValueError, match="a compiled engine needs batch_size"):
-        batch_infer.Engine([ckpt], device="cpu", compile="default")
+        Engine([ckpt], device="cpu", compile="default")
     with pytest.raises(ValueError, match="batch_size=0: must be >= 1"):
-        batch_infer.Engine([ckpt], device="cpu", batch_size=0)
+        Engine([ckpt], device="cpu", batch_size=0)
 
-    engine = batch_infer.Engine([ckpt], device="cpu")
+    engine = Engine([ckpt], device="cpu")
     calls = [engine._benchmark_this_call((4, 512, 512)) for _ in range(4)]
     assert calls == [False, False, True, True]  # the autotuner's search pays only for a shape that recurs
     assert engine._benchmark_this_call((4, 600, 400)) is False
-    off = batch_infer.Engine([ckpt], device="cpu", cudnn_benchmark=False)
+    off = Engine([ckpt], device="cpu", cudnn_benchmark=False)
     assert not any(off._benchmark_this_call((4, 512, 512)) for _ in range(4))
 
     # The CLI's setting reaches each actor's engine (wrapping only: nothing compiles before the first batch).
-    worker = batch_infer.RestoreWorker([str(ckpt)], tta=False, composite=True, keep_gt=False, batch_size=4,
+    worker = ray_pipeline.RestoreWorker([str(ckpt)], tta=False, composite=True, keep_gt=False, batch_size=4,
                                        compile="reduce-overhead")
     assert (worker.engine.compile, worker.engine.batch_size) == ("reduce-overhead", 4)
     assert batch_infer.build_parser().parse_args(["--shards", "x", "--compile", "default"]).compile == "default"
@@ -538,20 +539,20 @@ def test_actor_output_is_dense_when_sizes_agree_and_ray_sees_the_same_column():
     from ray.data.block import BlockAccessor
 
     a, b = np.full((4, 6, 3), 7, np.uint8), np.full((4, 6, 3), 9, np.uint8)
-    empty = batch_infer._EMPTY_RGB
-    dense = batch_infer._rgb_column([a, empty, b], todo=[0, 2])  # row 1 was done already: zeros
+    empty = inputs._EMPTY_RGB
+    dense = ray_pipeline._rgb_column([a, empty, b], todo=[0, 2])  # row 1 was done already: zeros
     assert dense.dtype == np.uint8 and dense.shape == (3, 4, 6, 3)
     assert (dense[0] == 7).all() and (dense[1] == 0).all() and (dense[2] == 9).all()
-    as_objects = batch_infer._object_array([a, np.zeros_like(a), b])
+    as_objects = ray_pipeline._object_array([a, np.zeros_like(a), b])
     assert (BlockAccessor.batch_to_block({"rgb": dense}).schema.field("rgb").type
             == BlockAccessor.batch_to_block({"rgb": as_objects}).schema.field("rgb").type)
-    mixed = batch_infer._rgb_column([a, np.zeros((2, 2, 3), np.uint8)], todo=[0, 1])
+    mixed = ray_pipeline._rgb_column([a, np.zeros((2, 2, 3), np.uint8)], todo=[0, 1])
     assert mixed.dtype == object and [m.shape for m in mixed] == [(4, 6, 3), (2, 2, 3)]
-    assert batch_infer._rgb_column([empty, empty], todo=[]).shape == (2, 0, 0, 3)
+    assert ray_pipeline._rgb_column([empty, empty], todo=[]).shape == (2, 0, 0, 3)
 
 
 def test_actor_hands_the_engines_array_on_when_every_row_was_restored(ckpt):
-    worker = batch_infer.RestoreWorker([str(ckpt)], tta=False, composite=True, keep_gt=False, batch_size=4)
+    worker = ray_pipeline.RestoreWorker([str(ckpt)], tta=False, composite=True, keep_gt=False, batch_size=4)
     returned = []
     restore = worker.engine.restore
 
@@ -572,20 +573,20 @@ def test_actor_hands_the_engines_array_on_when_every_row_was_restored(ckpt):
                 "note": np.array([""] * n, dtype=object), "height": np.full(n, 32), "width": np.full(n, 32),
                 "input": gray[:n], "mask": mask[:n]}
 
-    all_todo = worker(batch([batch_infer.TODO] * 3))
+    all_todo = worker(batch([inputs.TODO] * 3))
     assert all_todo["rgb"] is returned[-1]  # no copy: the usual batch
     assert all_todo["rgb"].shape == (3, 32, 32, 3)
-    partly = worker(batch([batch_infer.TODO, batch_infer.DONE, batch_infer.TODO]))
+    partly = worker(batch([inputs.TODO, inputs.DONE, inputs.TODO]))
     assert partly["rgb"] is not returned[-1] and partly["rgb"].shape == (3, 32, 32, 3)
     assert (partly["rgb"][1] == 0).all()  # the finished row holds no image
     assert np.array_equal(partly["rgb"][[0, 2]], returned[-1])
     assert np.array_equal(partly["rgb"][0], all_todo["rgb"][0])
     # every row carries the actor's clock and its model and call seconds so far, cumulative
-    marks = [tuple(float(r[k][0]) for k in batch_infer.ACTOR_TIME_COLUMNS) for r in (all_todo, partly)]
+    marks = [tuple(float(r[k][0]) for k in ray_pipeline.ACTOR_TIME_COLUMNS) for r in (all_todo, partly)]
     for clock, model, calls in marks:
         assert 0 < model <= calls <= clock
     assert all(a < b for a, b in zip(*marks))
-    assert all(len(set(r[k])) == 1 for r in (all_todo, partly) for k in batch_infer.ACTOR_TIME_COLUMNS)
+    assert all(len(set(r[k])) == 1 for r in (all_todo, partly) for k in ray_pipeline.ACTOR_TIME_COLUMNS)
 
 
 def test_actor_time_split_covers_the_span_after_the_first_batch():
@@ -608,7 +609,7 @@ def test_rate_after_first_batch_counts_the_batches_after_the_first_any_actor_fin
 
 
 def test_engine_reads_rays_read_only_columns_quietly_and_leaves_them_as_they_were(ckpt):
-    engine = batch_infer.Engine([ckpt], tta=False)
+    engine = Engine([ckpt], tta=False)
     rng = np.random.default_rng(3)
     gray = rng.integers(0, 256, (2, 32, 32), dtype=np.uint8)
     mask = np.zeros((2, 32, 32), np.uint8)
@@ -627,8 +628,8 @@ def test_engine_reads_rays_read_only_columns_quietly_and_leaves_them_as_they_wer
 
 def test_actor_passes_rays_dense_columns_to_the_engine_without_stacking():
     dense = np.zeros((3, 8, 8), np.uint8)
-    assert batch_infer._stacked(dense, [0, 1, 2]) is dense
-    part = batch_infer._stacked(dense, [0, 2])
+    assert ray_pipeline._stacked(dense, [0, 1, 2]) is dense
+    part = ray_pipeline._stacked(dense, [0, 2])
     assert part is not dense and part.shape == (2, 8, 8)
-    ragged = batch_infer._object_array([np.ones((8, 8), np.uint8), np.ones((4, 4), np.uint8)])
-    assert batch_infer._stacked(ragged, [0]).shape == (1, 8, 8)
+    ragged = ray_pipeline._object_array([np.ones((8, 8), np.uint8), np.ones((4, 4), np.uint8)])
+    assert ray_pipeline._stacked(ragged, [0]).shape == (1, 8, 8)

@@ -1,0 +1,61 @@
+"""The submission zip: written to a temp name, verified, then renamed, so ``--out`` is complete or absent.
+
+DACON wants a flat zip of RGB PNGs named like the test inputs; ``verify_zip`` checks exactly that (names and count
+equal the keys, every entry decodes as RGB of its input's size) before ``build_zip`` renames it into place.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Sequence
+
+from PIL import Image
+
+
+def build_zip(png_dir: Path, keys: Sequence[str], sizes: dict[str, tuple[int, int]], out: Path,
+              comment: str = "") -> None:
+    """Write ``out`` (flat, one ``KEY.png`` per key) via a temp name; verify it before the rename."""
+    missing = [k for k in keys if not (png_dir / f"{k}.png").is_file()]
+    if missing:
+        raise RuntimeError(f"{png_dir}: {len(missing)} restored images are missing: {', '.join(missing[:10])}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.*.tmp"):  # a zip temp left by a crashed run
+        stale.unlink(missing_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        # PNG is compressed already: storing is as small and much faster than deflating again.
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+            for key in keys:
+                zf.write(png_dir / f"{key}.png", arcname=f"{key}.png")
+            zf.comment = comment.encode()[:65535]
+        verify_zip(tmp, keys, sizes)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def verify_zip(path: Path, keys: Sequence[str], sizes: dict[str, tuple[int, int]]) -> None:
+    """Flat; names and count exactly ``KEY.png`` per key; each entry decodes as RGB of its input's (H, W)."""
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+        expected = {f"{k}.png" for k in keys}
+        nested = [n for n in names if "/" in n or "\\" in n]
+        if nested or len(names) != len(expected) or set(names) != expected:
+            extra, lacking = sorted(set(names) - expected), sorted(expected - set(names))
+            raise RuntimeError(f"{path}: zip check failed: {len(names)} entries for {len(expected)} keys; "
+                               f"nested {nested[:5]}, unexpected {extra[:5]}, missing {lacking[:5]}")
+        for name in names:
+            with zf.open(name) as member, Image.open(member) as img:
+                img.load()
+                if img.mode != "RGB":
+                    raise RuntimeError(f"{path}: {name} is mode {img.mode}, not RGB")
+                want = sizes.get(name[: -len(".png")])
+                if want is not None and (img.height, img.width) != tuple(want):
+                    raise RuntimeError(f"{path}: {name} is {img.width}x{img.height}, its input is "
+                                       f"{want[1]}x{want[0]}")
+
