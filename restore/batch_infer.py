@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from restore.engine import COMPILE_MODES
+from restore.large_image import DEFAULT_LARGE_ABOVE_MP, DEFAULT_WORK_SIZE
 from restore.inputs import BAD, TODO, BadInput, Plan, finished_keys, plan_images, plan_shards, remove_temp_files
 from restore.ray_pipeline import ACTOR_TIME_COLUMNS, SCORE_TERMS, run_pipeline
 from restore.submission import build_zip
@@ -322,6 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png-compression", default="fast", choices=sorted(schema.PNG_COMPRESSION),
                    help="PNG writer (default fast: ~4 ms of CPU per 512x512 image; none: ~2 ms, 2.2x larger files; "
                         "small: libpng's adaptive filters, ~20x slower than fast, 7-15%% smaller)")
+    p.add_argument("--work-size", type=int, default=DEFAULT_WORK_SIZE,
+                   help=f"large images: the long side, in pixels, of the crops inpainted around the holes and of the "
+                        f"image colorized (default {DEFAULT_WORK_SIZE}; changes pixels)")
+    p.add_argument("--large-above", type=float, default=DEFAULT_LARGE_ABOVE_MP, metavar="MP",
+                   help=f"images with more megapixels are restored in bounded memory: stage 1 on crops around the "
+                        f"holes, stage 2 at --work-size with its chroma laid on the full-size luma (default "
+                        f"{DEFAULT_LARGE_ABOVE_MP:g}; inf: never, 0: always; changes pixels)")
     p.add_argument("--score", action="store_true", help="score against the shards' gt (DACON score and its terms)")
     p.add_argument("--skip-bad", action="store_true",
                    help="restore the rest when inputs are bad; list them in bad_keys.json next to the zip")
@@ -339,6 +347,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.batch_size = 32 if torch.cuda.is_available() else 4
     if args.batch_size < 1 or (args.workers is not None and args.workers < 1):
         print("error: --batch-size and --workers must be >= 1", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.work_size < 64:
+        print(f"error: --work-size must be >= 64 pixels, got {args.work_size}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if not args.large_above >= 0:  # NaN too
+        print(f"error: --large-above must be >= 0 megapixels (inf: never), got {args.large_above:g}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
         run(args)

@@ -6,14 +6,16 @@ compositing (``restore.composite``), the BatchNorm fold, channels_last, torch.co
 precision (``restore.precision``, the rule training uses too) are decided here.
 
 ``Engine.restore`` takes a batch of same-size images; the caller decides what goes in one call (the Ray actor groups
-a batch's images by size).
+a batch's images by size). Images of more than ``large_above`` megapixels are restored one at a time in bounded
+memory by ``restore.large_image`` (stage 1 on crops around the holes, stage 2 at ``work_size``); smaller ones run
+both stages on the whole image.
 """
 from __future__ import annotations
 
 import os
 import warnings
 from collections import Counter
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -42,13 +44,17 @@ class Engine:
     collect in ``cache_log``. ``precision``: ``bf16`` runs the model under bf16 autocast with the convolutions'
     weights held in bf16 (``bf16_weights``; fp16 likewise), ``fp32`` without autocast; ``auto`` follows
     ``restore.precision``, the rule training uses too: bf16 on a GPU with native bf16, fp16 on older GPUs, fp32 on CPU.
+    ``large_above`` (megapixels; None or inf: never) and ``work_size``: an image above that size is restored by
+    ``restore.large_image.LargeImageRestorer`` at that working size, eagerly (crops differ in shape), with the same
+    models, TTA, compositing and precision; ``large_log`` receives its one line per image (default: printed).
     """
 
     def __init__(self, checkpoints: Sequence[str | os.PathLike], *, tta: bool = False, composite: bool = True,
                  device: str | None = None, batch_size: int | None = None, compile: str = "off",
                  cudnn_benchmark: bool = True, compile_backend: str = "inductor", fuse_bn: bool | None = None,
                  channels_last: bool = True, compile_cache: str | os.PathLike | None = None,
-                 precision: str = "auto", bf16_weights: bool = True) -> None:
+                 precision: str = "auto", bf16_weights: bool = True, work_size: int | None = None,
+                 large_above: float | None = None, large_log: Callable[[str], None] | None = None) -> None:
         import torch
 
         from restore.fuse import fuse_batchnorm, restorer_probe
@@ -100,9 +106,26 @@ class Engine:
 
             self.compile_cache = CompileCache.for_device(compile_cache, self.device)
             self.cache_log += self.compile_cache.load()
+        from restore import large_image
+
+        self.work_size = large_image.DEFAULT_WORK_SIZE if work_size is None else work_size
+        self.large_above = large_image.DEFAULT_LARGE_ABOVE_MP if large_above is None else large_above
+        if self.large_above < 0:
+            raise ValueError(f"large_above={large_above}: must be >= 0 megapixels (inf: never)")
+        self._is_large = large_image.is_large
+        self.large = large_image.LargeImageRestorer(
+            self.models, device=self.device, work_size=self.work_size, tta=tta, composite=composite,
+            autocast_dtype=self.autocast_dtype, channels_last=channels_last,
+            log=large_log or (lambda line: print(line, flush=True)))
+
+    def is_large(self, height: int, width: int) -> bool:
+        """Whether an image of this size takes the bounded-memory path (``restore.large_image``)."""
+        return self._is_large(height, width, self.large_above)
 
     def restore(self, gray: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """``gray`` uint8 [B,H,W], ``mask`` [B,H,W] (nonzero = hole) -> RGB uint8 [B,H,W,3]."""
+        if gray.ndim == 3 and self.is_large(*gray.shape[1:]):
+            return self._restore_large(gray, mask)
         step = self.batch_size or max(len(gray), 1)
         parts = []
         for first in range(0, len(gray), step):
@@ -118,6 +141,16 @@ class Engine:
                 if line:
                     self.cache_log.append(line)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)  # one call: no copy
+
+    def _restore_large(self, gray: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Each image on its own through ``restore.large_image`` (never stacked into one model call)."""
+        if self.cuda:  # crops of every shape: cuDNN's autotuner would search anew for each
+            self.torch.backends.cudnn.benchmark = False
+        out = np.empty((*gray.shape, 3), np.uint8)
+        for i in range(len(gray)):
+            self.large.restore(gray[i], mask[i], out=out[i])
+            self.forward_passes += len(self.models) * (2 if self.tta else 1)
+        return out
 
     def compile_counts(self) -> dict[str, int]:
         """This process's compiled graphs so far: ``compiled`` (cache misses) and ``cached`` (loaded, not compiled)."""

@@ -33,16 +33,19 @@ class RestoreWorker:
     """One Ray actor: the engine loaded once; restores the ``todo`` rows of each batch, passes the others on."""
 
     def __init__(self, checkpoints: Sequence[str], tta: bool, composite: bool, keep_gt: bool,
-                 batch_size: int | None = None, compile: str = "off", compile_cache: str | None = None) -> None:
+                 batch_size: int | None = None, compile: str = "off", compile_cache: str | None = None,
+                 work_size: int | None = None, large_above: float | None = None) -> None:
         import torch
 
         if not torch.cuda.is_available():
             # Ray sets OMP_NUM_THREADS to the actor's num_cpus; make torch's intra-op pool follow it.
             torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.engine = Engine(checkpoints, tta=tta, composite=composite, batch_size=batch_size, compile=compile,
-                             compile_cache=compile_cache)
+                             compile_cache=compile_cache, work_size=work_size, large_above=large_above,
+                             large_log=lambda line: print(f"{self.name}: {line}", flush=True))
         self.keep_gt = keep_gt
-        self.name = f"{socket.gethostname()}:{os.getpid()}:{self.engine.device}"
+        self.name = f"{self.name}:{self.engine.device}"
         # The actor's clock (from the start of its first call) and its seconds in the model and in its calls, so far:
         # every row carries them, and the driver tells from them what the actor waited on (``actor_time_split``).
         self._clock_start: float | None = None
@@ -67,7 +70,9 @@ class RestoreWorker:
         todo = [i for i in range(n) if batch["status"][i] == TODO]
         by_shape: dict[tuple, list[int]] = defaultdict(list)
         for i in todo:
-            by_shape[tuple(batch["input"][i].shape)].append(i)
+            shape = tuple(batch["input"][i].shape)
+            # A large scan goes alone (the engine restores it in bounded memory); same-size small ones go together.
+            by_shape[(shape, i) if self.engine.is_large(*shape) else shape].append(i)
         out = None
         for idx in by_shape.values():
             start = time.perf_counter()
@@ -242,7 +247,8 @@ def run_pipeline(plan: Plan, checkpoints: Sequence[Path], args, *, png_dir: Path
         print(f"ray: {workers} worker(s) x ({gpus_per_worker:g} GPU, {cpus_per_worker:g} CPU), "
               f"batch {args.batch_size}, tta {'on' if args.tta else 'off'}, "
               f"composite {'on' if args.composite else 'off'}, compile {args.compile}, "
-              f"{len(checkpoints)} checkpoint(s)")
+              f"{len(checkpoints)} checkpoint(s); images above {args.large_above:g} MP in bounded memory at work "
+              f"size {args.work_size}")
         if args.compile != "off":
             print(f"compile: each actor compiles the model on its first batch (minutes on a GPU, unless the compile "
                   f"cache has it) before its first images arrive; then every call runs a static batch of "
@@ -254,7 +260,8 @@ def run_pipeline(plan: Plan, checkpoints: Sequence[Path], args, *, png_dir: Path
             fn_constructor_kwargs={"checkpoints": [str(c) for c in checkpoints], "tta": args.tta,
                                    "composite": args.composite, "keep_gt": args.score,
                                    "batch_size": args.batch_size, "compile": args.compile,
-                                   "compile_cache": str(cache_dir) if cache_dir else None},
+                                   "compile_cache": str(cache_dir) if cache_dir else None,
+                                   "work_size": args.work_size, "large_above": args.large_above},
             compute=ray.data.ActorPoolStrategy(size=workers),
             batch_size=args.batch_size, batch_format="numpy", num_gpus=gpus_per_worker, num_cpus=cpus_per_worker,
             zero_copy_batch=True,  # read-only views: neither stage writes its input (older Rays copy by default)

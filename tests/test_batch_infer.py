@@ -633,3 +633,28 @@ def test_actor_passes_rays_dense_columns_to_the_engine_without_stacking():
     assert part is not dense and part.shape == (2, 8, 8)
     ragged = ray_pipeline._object_array([np.ones((8, 8), np.uint8), np.ones((4, 4), np.uint8)])
     assert ray_pipeline._stacked(ragged, [0]).shape == (1, 8, 8)
+
+
+def test_a_large_scan_is_restored_at_its_size_through_the_bounded_memory_path(infer, ckpt, tmp_path):
+    from skimage import data
+
+    from shards.damage import detect_mask
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    gray = np.array(Image.fromarray(data.camera()).resize((1000, 800), Image.BILINEAR))
+    hole = np.zeros(gray.shape, bool)
+    hole[300:380, 400:520] = True
+    gray[hole] = 30
+    Image.fromarray(gray).save(scans / "big.png")
+    out = tmp_path / "big.zip"
+    r = infer("--images", scans, "--checkpoint", ckpt, "--out", out, "--large-above", "0.5", "--work-size", "128")
+    assert r.returncode == 0, r.stderr
+    assert "images above 0.5 MP in bounded memory at work size 128" in r.stdout
+    rgb = _zip_images(out)["big.png"]
+    assert rgb.shape == (800, 1000, 3)
+    lum = _pil_l(rgb)
+    detected, _ = detect_mask(gray)  # the hole and a few bordering pixels of the photo that happen to be 30
+    assert detected[hole].all() and detected.sum() < hole.sum() + 50
+    assert np.array_equal(lum[~detected], gray[~detected])
+    assert (lum[hole] != 30).mean() > 0.9

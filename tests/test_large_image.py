@@ -188,3 +188,71 @@ def test_3000x2000_scan_restores_at_full_size_in_bounded_memory(repo_root):
     assert result["known_exact"]
     assert result["hole_changed"] > 0.9
     assert result["grew_mb"] < 600, result
+
+
+# ------------------------------------------------------------------------------- the engine and the actor route
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, tiny_model):
+    from restore.model import inference_checkpoint
+
+    path = tmp_path_factory.mktemp("large_ckpt") / "tiny.pt"
+    torch.save(inference_checkpoint(tiny_model), path)
+    return path
+
+
+def test_engine_keeps_the_full_image_path_for_small_images(ckpt):
+    from restore.engine import Engine
+
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (3, 96, 128), dtype=np.uint8)
+    mask = np.zeros_like(gray)
+    mask[:, 20:50, 30:70] = 1
+    engine = Engine([ckpt], device="cpu")
+    out = engine.restore(gray, mask)
+    assert engine.large.last == {}  # never took the large path
+    assert np.array_equal(out, Engine([ckpt], device="cpu", large_above=float("inf")).restore(gray, mask))
+
+
+def test_engine_restores_each_large_image_alone_as_large_image_does(ckpt):
+    from restore.engine import Engine
+    from restore.model import load_restorer
+
+    gray = np.stack([_photo(600, 800), _photo(600, 800)[:, ::-1]])
+    mask = np.zeros_like(gray)
+    mask[0, 100:160, 200:300] = 1
+    mask[1, 300:330, 500:700] = 1
+    gray[mask != 0] = FILL
+    lines = []
+    engine = Engine([ckpt], device="cpu", large_above=0.4, work_size=128, large_log=lines.append)
+    out = engine.restore(gray, mask)
+    assert out.shape == (2, 600, 800, 3)
+    model = load_restorer(ckpt)[0].to(memory_format=torch.channels_last)
+    reference = LargeImageRestorer(model, work_size=128, channels_last=True)
+    for i in range(2):
+        assert np.array_equal(out[i], reference.restore(gray[i], mask[i]))
+    assert len(lines) == 2 and all(line.startswith("large image 800x600: 1 hole region(s)") for line in lines)
+    assert engine.forward_passes == 2
+    assert engine.is_large(600, 800) and not engine.is_large(500, 700)  # 0.48 and 0.35 MP around 0.4
+
+
+def test_actor_never_stacks_large_images_into_one_call(ckpt):
+    from restore import inputs, ray_pipeline
+
+    worker = ray_pipeline.RestoreWorker([str(ckpt)], tta=False, composite=True, keep_gt=False, batch_size=4,
+                                        work_size=128, large_above=0.01)
+    calls = []
+    restore = worker.engine.restore
+    worker.engine.restore = lambda gray, mask: calls.append(gray.shape) or restore(gray, mask)
+    shapes = [(120, 100), (120, 100), (40, 40), (40, 40)]  # two large (0.012 MP), two small
+    gray = np.empty(4, dtype=object)
+    gray[:] = [np.full(s, 128, np.uint8) for s in shapes]
+    mask = np.empty(4, dtype=object)
+    mask[:] = [np.zeros(s, np.uint8) for s in shapes]
+    n = len(shapes)
+    batch = {"key": np.array([f"k{i}" for i in range(n)], dtype=object), "where": np.array(["s"] * n, dtype=object),
+             "status": np.array([inputs.TODO] * n, dtype=object), "error": np.array([""] * n, dtype=object),
+             "note": np.array([""] * n, dtype=object), "height": np.array([s[0] for s in shapes]),
+             "width": np.array([s[1] for s in shapes]), "input": gray, "mask": mask}
+    result = worker(batch)
+    assert sorted(calls) == [(1, 120, 100), (1, 120, 100), (2, 40, 40)]
+    assert [r.shape for r in result["rgb"]] == [(*s, 3) for s in shapes]
