@@ -12,9 +12,9 @@ give it) and restores it once, timed. Reported per run: seconds in the restore c
 of allocated GPU memory. The parent watches each child's RSS and stops it above ``--memory-cap`` GiB (default 8,
 the issue's budget for a 4000x3000 scan on a 2-core CPU) or after ``--time-cap`` seconds, and says so.
 
-Paths: ``large`` is ``LargeImageRestorer`` at ``--work-size`` (crops around the holes, colorized at the working size,
-chroma on the full luma); ``full`` is ``Engine.restore`` on the whole image (what every image got before), run at
-each size where ``--full`` asks for it. Models: ``demo`` is the CPU demo's (``tu-mobilenetv3_small_050``, decoder
+Paths, both through ``restore.engine.Engine`` as the CLI's actors run it: ``large`` is ``restore.large_image`` at
+``--work-size`` (crops around the holes, colorized at the working size, chroma on the full luma); ``full`` is both
+stages on the whole image (what every image got before), run at the sizes ``--full-sizes`` names. Models: ``demo`` is the CPU demo's (``tu-mobilenetv3_small_050``, decoder
 64,32,16,16,8), ``b4`` the training default (EfficientNet-B4, decoder 256..16, CBAM), ``tiny`` the tests' encoder.
 """
 from __future__ import annotations
@@ -89,30 +89,19 @@ def child(spec: dict) -> dict:
     height, width = spec["height"], spec["width"]
     gray, mask = make_scan(height, width)
 
-    if spec["path"] == "full":
-        try:
-            from restore.engine import Engine
-        except ImportError:  # before the engine had its own module
-            from restore.batch_infer import Engine
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = Path(tmp) / "model.pt"
-            torch.save(inference_checkpoint(model), ckpt)
-            del model
-            engine = Engine([ckpt], device=str(device), batch_size=1)
+    from restore.engine import Engine
 
-        def restore():
-            return engine.restore(gray[None], mask[None])[0]
-    else:
-        from restore import precision
-        from restore.large_image import LargeImageRestorer
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "model.pt"
+        torch.save(inference_checkpoint(model), ckpt)
+        del model
+        # The engine the CLI's actors run (precision auto: bf16 on a recent GPU, fp32 on a CPU), on the large path
+        # for every image or for none.
+        engine = Engine([ckpt], device=str(device), batch_size=1, work_size=spec["work_size"],
+                        large_above=0.0 if spec["path"] == "large" else float("inf"), large_log=lambda line: None)
 
-        model = model.to(device).eval().to(memory_format=torch.channels_last)
-        dtype = precision.autocast_dtype(precision.resolve_for("auto", device))
-        restorer = LargeImageRestorer(model, device=device, work_size=spec["work_size"], autocast_dtype=dtype,
-                                      channels_last=True)
-
-        def restore():
-            return restorer.restore(gray, mask)
+    def restore():
+        return engine.restore(gray[None], mask[None])[0]
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device.type == "cuda":
@@ -135,7 +124,7 @@ def child(spec: dict) -> dict:
     if device.type == "cuda":
         result["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     if spec["path"] == "large":
-        result["detail"] = restorer.last
+        result["detail"] = engine.large.last
     return result
 
 
@@ -185,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--full-sizes", default="2000x1500,4000x3000",
                    help="sizes at which the full-image path runs too (default 2000x1500,4000x3000; '' for none)")
     p.add_argument("--models", default="demo,b4", help=f"comma-separated, of {', '.join(MODELS)} (default demo,b4)")
-    p.add_argument("--work-size", type=int, default=768, help="LargeImageRestorer's working size (default 768)")
+    p.add_argument("--work-size", type=int, default=768, help="the engine's --work-size (default 768)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
     p.add_argument("--memory-cap", type=float, default=8.0, help="GiB of RSS before a run is stopped (default 8)")
     p.add_argument("--time-cap", type=float, default=600.0, help="seconds before a run is stopped (default 600)")
