@@ -245,15 +245,15 @@ def test_actor_never_stacks_large_images_into_one_call(ckpt):
     restore = worker.engine.restore
     worker.engine.restore = lambda gray, mask: calls.append(gray.shape) or restore(gray, mask)
     shapes = [(120, 100), (120, 100), (40, 40), (40, 40)]  # two large (0.012 MP), two small
-    gray = np.empty(4, dtype=object)
-    gray[:] = [np.full(s, 128, np.uint8) for s in shapes]
-    mask = np.empty(4, dtype=object)
-    mask[:] = [np.zeros(s, np.uint8) for s in shapes]
-    n = len(shapes)
-    batch = {"key": np.array([f"k{i}" for i in range(n)], dtype=object), "where": np.array(["s"] * n, dtype=object),
-             "status": np.array([inputs.TODO] * n, dtype=object), "error": np.array([""] * n, dtype=object),
-             "note": np.array([""] * n, dtype=object), "height": np.array([s[0] for s in shapes]),
-             "width": np.array([s[1] for s in shapes]), "input": gray, "mask": mask}
+    rows = [inputs._row(f"k{i}", "s", inputs.TODO, size=s, gray=np.full(s, 128, np.uint8),
+                        mask=np.zeros(s, np.uint8)) for i, s in enumerate(shapes)]
+    batch = {}
+    for column in rows[0]:  # as Ray hands the rows over: images of several sizes in an object column
+        values = [r[column] for r in rows]
+        batch[column] = np.empty(len(values), dtype=object)
+        batch[column][:] = values
+        if not isinstance(values[0], (str, np.ndarray)):
+            batch[column] = np.array(values)
     result = worker(batch)
     assert sorted(calls) == [(1, 120, 100), (1, 120, 100), (2, 40, 40)]
     assert [r.shape for r in result["rgb"]] == [(*s, 3) for s in shapes]
