@@ -14,8 +14,9 @@ the issue's budget for a 4000x3000 scan on a 2-core CPU) or after ``--time-cap``
 
 Paths, both through ``restore.engine.Engine`` as the CLI's actors run it: ``large`` is ``restore.large_image`` at
 ``--work-size`` (crops around the holes, colorized at the working size, chroma on the full luma); ``full`` is both
-stages on the whole image (what every image got before), run at the sizes ``--full-sizes`` names. Models: ``demo`` is the CPU demo's (``tu-mobilenetv3_small_050``, decoder
-64,32,16,16,8), ``b4`` the training default (EfficientNet-B4, decoder 256..16, CBAM), ``tiny`` the tests' encoder.
+stages on the whole image (what every image got before), run at the sizes ``--full-sizes`` names. Models: ``demo``
+is the CPU demo's (``tu-mobilenetv3_small_050``, decoder 64,32,16,16,8), ``b4`` the training default
+(EfficientNet-B4, decoder 256..16, CBAM), ``tiny`` the tests' encoder.
 """
 from __future__ import annotations
 
@@ -224,8 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         for height, width in full_sizes:
             pair = {r["path"]: r for r in rows if r["model"] == model and (r["height"], r["width"]) == (height, width)}
             if all(pair.get(k, {}).get("status") == "ok" for k in ("large", "full")):
-                print(f"{model} at {width}x{height}: large path {pair['full']['seconds'] / pair['large']['seconds']:.1f}x "
-                      f"faster, peak RSS {pair['large']['peak_rss_gib']:.2f} vs {pair['full']['peak_rss_gib']:.2f} GiB")
+                speedup = pair["full"]["seconds"] / pair["large"]["seconds"]
+                print(f"{model} at {width}x{height}: large path {speedup:.1f}x faster, peak RSS {pair['large']['peak_rss_gib']:.2f} vs {pair['full']['peak_rss_gib']:.2f} GiB")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
