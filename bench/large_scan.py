@@ -226,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             pair = {r["path"]: r for r in rows if r["model"] == model and (r["height"], r["width"]) == (height, width)}
             if all(pair.get(k, {}).get("status") == "ok" for k in ("large", "full")):
                 speedup = pair["full"]["seconds"] / pair["large"]["seconds"]
-                print(f"{model} at {width}x{height}: large path {speedup:.1f}x faster, peak RSS {pair['large']['peak_rss_gib']:.2f} vs {pair['full']['peak_rss_gib']:.2f} GiB")
+                print(f"{model} at {width}x{height}: large path {speedup:.1f}x faster, peak RSS "
+                      f"{pair['large']['peak_rss_gib']:.2f} vs {pair['full']['peak_rss_gib']:.2f} GiB")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
