@@ -226,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             pair = {r["path"]: r for r in rows if r["model"] == model and (r["height"], r["width"]) == (height, width)}
             if all(pair.get(k, {}).get("status") == "ok" for k in ("large", "full")):
                 large, full = pair["large"], pair["full"]
-                print(f"{model} at {width}x{height}: large path {large['seconds']:.1f} s vs full {full['seconds']:.1f} s "
-                      f"({full['seconds'] / large['seconds']:.1f}x), peak RSS {large['peak_rss_gib']:.2f} vs "
+                print(f"{model} at {width}x{height}: large path {large['seconds']:.1f} s vs full "
+                      f"{full['seconds']:.1f} s ({full['seconds'] / large['seconds']:.1f}x), peak RSS {large['peak_rss_gib']:.2f} vs "
                       f"{full['peak_rss_gib']:.2f} GiB")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
