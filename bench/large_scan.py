@@ -227,8 +227,8 @@ def main(argv: list[str] | None = None) -> int:
             if all(pair.get(k, {}).get("status") == "ok" for k in ("large", "full")):
                 large, full = pair["large"], pair["full"]
                 print(f"{model} at {width}x{height}: large path {large['seconds']:.1f} s vs full "
-                      f"{full['seconds']:.1f} s ({full['seconds'] / large['seconds']:.1f}x), peak RSS {large['peak_rss_gib']:.2f} vs "
-                      f"{full['peak_rss_gib']:.2f} GiB")
+                      f"{full['seconds']:.1f} s ({full['seconds'] / large['seconds']:.1f}x), peak RSS "
+                      f"{large['peak_rss_gib']:.2f} vs {full['peak_rss_gib']:.2f} GiB")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
