@@ -5,7 +5,7 @@ inductor cache, and with the run's compile cache (``restore.compile_cache``) on 
     python bench/compile_warmup.py --tiny          # CPU smoke: a two-conv model at 16 px (the orchestration only)
 
 Each case is a child process, a fresh torch as after a requeue, that compiles the job's joint training step
-(``job.train.StageLoss``: both stages and their losses) with ``bench/train_throughput.py``'s default recipe (bf16
+(``job.step.StageLoss``: both stages and their losses) with ``bench/train_throughput.py``'s default recipe (bf16
 autocast on GPUs that have it, channels_last, fused AdamW) on synthetic batches, and times its first step
 (compilation plus one step) and then ``--steps`` more:
   cold    an empty TORCHINDUCTOR_CACHE_DIR and no compile cache: a job's first start. Its artifacts are saved.

@@ -41,7 +41,7 @@ from torch.utils.module_tracker import ModuleTracker
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from job.train import StageLoss  # noqa: E402
+from job.step import StageLoss  # noqa: E402
 from restore.fuse import fuse_batchnorm, restorer_probe  # noqa: E402
 from restore.losses import Stage1Loss, Stage2Loss  # noqa: E402
 from restore.model import ModelSpec, build_model, unfold_same_padding  # noqa: E402

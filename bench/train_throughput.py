@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from job.train import AUTOCAST_DTYPE, StageLoss, batch_to_device, resolve_precision  # noqa: E402
+from job.step import AUTOCAST_DTYPE, StageLoss, batch_to_device, resolve_precision  # noqa: E402
 from restore.losses import Stage1Loss, Stage2Loss  # noqa: E402
 from restore.model import ModelSpec, build_model, unfold_same_padding  # noqa: E402
 from shards import pipeline  # noqa: E402

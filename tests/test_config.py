@@ -122,13 +122,13 @@ def test_inconsistent_environments_are_errors(environ, message):
 def test_compile_auto_pays_only_on_long_cuda_runs(setting, device, steps, expected):
     import torch
 
-    from job.train import resolve_compile
+    from job.step import resolve_compile
 
     assert resolve_compile(setting, torch.device(device), steps, Config().run.compile_min_steps) is expected
 
 
 def test_compile_cache_setting_names_the_folder(tmp_path):
-    from job.train import compile_cache_dir
+    from job.step import compile_cache_dir
 
     run = tmp_path / "run"
     assert compile_cache_dir("auto", run) == run / "compile_cache"

@@ -86,7 +86,7 @@ def test_untrained_inpainter_returns_the_prefill_and_old_specs_keep_no_prefill()
 def test_training_and_inference_feed_stage_1_the_same_prefilled_image(tmp_path):
     """The job's training forward and the inference engine give the inpainting network the same input for the same
     damaged image: the harmonic fill of its hole (the prefill lives in the model, not in either pipeline)."""
-    from job.train import StageLoss, batch_to_device
+    from job.step import StageLoss, batch_to_device
     from restore.engine import Engine
     from restore.losses import Stage1Loss, Stage2Loss
     from restore.model import inference_checkpoint

@@ -247,21 +247,21 @@ def test_fold_held_out_of_train_when_there_is_no_val_split(shards2, tmp_path):
 
 
 def test_staged_phases_schedule_and_frozen_stage():
-    from job import train
+    from job import step
     from job.config import parse_overrides
     from restore.losses import Stage1Loss, Stage2Loss
     from restore.model import build_model
 
     cfg = parse_overrides(TINY + ["stages=staged"])
-    plan = train.phases(cfg, 100)
+    plan = step.phases(cfg, 100)
     assert plan == [("stage1", 0, 40), ("stage2", 40, 80), ("joint", 80, 100)]
-    assert train.phases(parse_overrides(["stages=joint"]), 100) == [("joint", 0, 100)]
-    lr = train.lr_lambda_for(plan, warmup=4, min_ratio=0.0)
+    assert step.phases(parse_overrides(["stages=joint"]), 100) == [("joint", 0, 100)]
+    lr = step.lr_lambda_for(plan, warmup=4, min_ratio=0.0)
     assert lr(0) == 0.25 and lr(3) == 1.0 and lr(39) < 0.01  # warmup, then cosine to ~0 at the phase end
     assert [lr(s) for s in (40, 43, 80, 83)] == [0.25, 1.0, 0.25, 1.0]  # every phase restarts its warmup
-    assert train.lr_lambda_for(plan, warmup=10, min_ratio=0.0)(0) == 1 / 8  # short phase: warmup <= 1/5 of it
+    assert step.lr_lambda_for(plan, warmup=10, min_ratio=0.0)(0) == 1 / 8  # short phase: warmup <= 1/5 of it
 
-    model = build_model(train.model_spec(cfg))
+    model = build_model(step.model_spec(cfg))
     gray = torch.rand(2, 1, 32, 32)
     mask = torch.zeros(2, 1, 32, 32)
     mask[:, :, 8:20, 8:20] = 1
@@ -269,7 +269,7 @@ def test_staged_phases_schedule_and_frozen_stage():
         model.zero_grad(set_to_none=True)
         for p in model.parameters():
             p.requires_grad_(True)
-        total, terms, fake = train.StageLoss(model, Stage1Loss(), Stage2Loss(), phase)(
+        total, terms, fake = step.StageLoss(model, Stage1Loss(), Stage2Loss(), phase)(
             gray, mask, gray, torch.rand(2, 3, 32, 32))
         total.backward()
         assert fake is None and all(k.startswith("s1" if phase == "stage1" else "s2") for k in terms)

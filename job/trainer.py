@@ -1,0 +1,363 @@
+"""The training loop of one rank: model, optimizers, phases, checkpoints, validation, preemption."""
+from __future__ import annotations
+
+import math
+import resource
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from job import checkpoint as ckpt
+from job import dist
+from job.config import Config
+from job.data_plan import DataPlan, InputError
+from job.run_log import DONE, PREEMPTED, RunLog
+from job.step import (AUTOCAST_DTYPE, EMA, NO_FORWARD_BUFFER_SYNC, DiscLoss, StageLoss, batch_to_device,
+                      compile_cache_dir, lr_lambda_for, phase_at, phases, resolve_compile, stage_params)
+from job.validation import validate
+from restore.compile_cache import CompileCache, counts as compile_counts
+from restore.losses import Stage1Loss, Stage2Loss
+from restore.model import CHECKPOINT_FORMAT, ModelSpec, build_model
+from restore.score import summarize_sums
+from shards import pipeline
+from shards.schema import atomic_write_json
+
+EXIT_OK, EXIT_PREEMPTED = 0, 75
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+class Trainer:
+    def __init__(self, cfg: Config, spec: ModelSpec, plan: DataPlan, run_dir: Path, env: dist.DistEnv,
+                 device: torch.device, precision: str, resume_from: Path | None) -> None:
+        self.cfg, self.spec, self.plan, self.run_dir, self.env, self.device = cfg, spec, plan, run_dir, env, device
+        self.precision = precision
+        self.autocast_dtype = AUTOCAST_DTYPE[precision]
+        self.channels_last = cfg.run.channels_last
+        r, d = cfg.run, cfg.data
+        self.world = env.world_size
+        self.steps_per_epoch = d.steps_per_epoch or pipeline.default_steps_per_epoch(plan.num_train, d.batch_size,
+                                                                                      self.world)
+        self.total_steps = r.max_steps or r.epochs * self.steps_per_epoch
+        self.compile = resolve_compile(r.compile, device, self.total_steps, r.compile_min_steps)
+        self.phase_plan = phases(cfg, self.total_steps)
+
+        torch.manual_seed(r.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
+        model = build_model(spec).to(device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.ema = EMA(model, cfg.optim.ema) if cfg.optim.ema > 0 else None
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
+                                           weight_decay=o.weight_decay, fused=device.type == "cuda")
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda_for(self.phase_plan, o.warmup_steps, o.min_lr_ratio))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        l = cfg.loss
+        self.loss1 = Stage1Loss(l1=l.gray_l1, ssim=l.gray_ssim)
+        self.loss2 = Stage2Loss(l1=l.rgb_l1, ssim=l.rgb_ssim, hue=l.rgb_hue, chroma=l.rgb_chroma)
+        self.disc = self.disc_opt = self.disc_step_fn = None
+        if o.gan:
+            from restore.gan import PatchDiscriminator, adversarial_losses
+
+            torch.manual_seed(r.seed + 1)
+            self.disc = PatchDiscriminator(in_channels=4).to(device)
+            if self.channels_last:
+                self.disc = self.disc.to(memory_format=torch.channels_last)
+            self.adv = adversarial_losses("hinge")
+            self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=o.gan_lr, betas=(0.5, 0.999),
+                                              weight_decay=0.0, fused=device.type == "cuda")
+            module = DiscLoss(self.disc, self.adv.discriminator)
+            if env.world_size > 1:
+                module = DDP(module, device_ids=[device.index] if device.type == "cuda" else None,
+                             bucket_cap_mb=r.ddp_bucket_mb, **NO_FORWARD_BUFFER_SYNC)
+            self.disc_step_fn = module
+        self.step, self.best, self.best_step, self.bad_vals = 0, -math.inf, -1, 0
+        self.last_val: dict = {}
+        self.stop_signal: int | None = None
+        self.phase: str | None = None
+        self.step_fn = None
+        self.compiling = False  # the next step is the first of a compiled phase
+        cache_dir = compile_cache_dir(r.compile_cache, run_dir)
+        self.compile_cache = CompileCache.for_device(cache_dir, device) if self.compile and cache_dir else None
+        torch.manual_seed(r.seed * 1000 + env.rank)  # per-rank stream for anything random in the step
+
+        resume_step = None
+        if resume_from is not None:
+            self.load(resume_from)
+            resume_step = self.step
+        self.log = RunLog(run_dir, env.is_main, resume_step)
+        if resume_from is not None:
+            self.log.print(f"resumed from {resume_from} at step {self.step}")
+
+    # -- state ------------------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        model_state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        rngs = dist.all_gather_objects(ckpt.rng_state())  # every rank's RNG, for an exact resume
+        epoch, offset = divmod(self.step, self.steps_per_epoch)
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model_spec": self.spec.to_dict(),
+            "model": model_state,
+            "ema": {k: v.detach().cpu() for k, v in self.ema.module.state_dict().items()} if self.ema else None,
+            "discriminator": {k: v.detach().cpu() for k, v in self.disc.state_dict().items()} if self.disc else None,
+            "disc_optimizer": self.disc_opt.state_dict() if self.disc_opt else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "epoch": epoch,
+            "rng": {"world_size": self.world, "ranks": rngs},
+            "data_pos": {"epoch": epoch, "batch_in_epoch": offset, "steps_per_epoch": self.steps_per_epoch,
+                         "world_size": self.world, "num_workers": self.cfg.data.num_workers,
+                         "batch_size": self.cfg.data.batch_size, "seed": self.cfg.run.seed},
+            "config": self.cfg.to_dict(),
+            "metrics": {"best_score": self.best, "best_step": self.best_step, "bad_validations": self.bad_vals,
+                        "last_val": self.last_val},
+        }
+
+    def load(self, path: Path) -> None:
+        state = ckpt.load_checkpoint(path, map_location="cpu")
+        if state["model_spec"] != self.spec.to_dict():
+            raise InputError(f"{path}: model_spec {state['model_spec']} differs from this config's "
+                             f"{self.spec.to_dict()}")
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None:
+            self.ema.module.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.disc is not None:
+            if state.get("discriminator") is not None:
+                self.disc.load_state_dict(state["discriminator"])
+                self.disc_opt.load_state_dict(state["disc_optimizer"])
+            elif self.env.is_main:
+                print(f"warning: {path} has no discriminator: it starts from scratch", file=sys.stderr, flush=True)
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):  # empty when the saving run had no scaler (not fp16)
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        m = state.get("metrics") or {}
+        self.best, self.best_step = float(m.get("best_score", -math.inf)), int(m.get("best_step", -1))
+        self.bad_vals, self.last_val = int(m.get("bad_validations", 0)), dict(m.get("last_val") or {})
+        pos = state["data_pos"]
+        same = (pos.get("world_size"), pos.get("num_workers"), pos.get("batch_size"), pos.get("seed"),
+                pos.get("steps_per_epoch")) == (self.world, self.cfg.data.num_workers, self.cfg.data.batch_size,
+                                                 self.cfg.run.seed, self.steps_per_epoch)
+        rng = state.get("rng") or {}
+        if same and rng.get("world_size") == self.world:
+            ckpt.set_rng_state(rng["ranks"][self.env.rank])
+        elif self.env.is_main:
+            print(f"warning: {path} was written with world_size/num_workers/batch_size/seed/steps_per_epoch "
+                  f"{pos.get('world_size')}/{pos.get('num_workers')}/{pos.get('batch_size')}/{pos.get('seed')}/"
+                  f"{pos.get('steps_per_epoch')}; continuing from step {self.step} with a different data order",
+                  file=sys.stderr, flush=True)
+
+    def save(self, best: bool = False) -> None:
+        state = self.state()  # collective (RNG gather): every rank calls it
+        if self.env.is_main:
+            path = ckpt.save_checkpoint(self.run_dir, state, keep_last=self.cfg.run.keep_last)
+            if best:
+                ckpt.save_best(self.run_dir, state)
+            self.log.print(f"checkpoint {path.name}" + (" (best)" if best else ""))
+            saved = self.compile_cache.save(only_if_compiled=True) if self.compile_cache is not None else None
+            if saved:  # graphs compiled after a phase's first step (a recompile) are kept too
+                self.log.print(saved)
+        dist.barrier()
+
+    # -- phases -----------------------------------------------------------------------------------------------
+    def enter_phase(self, phase: str) -> None:
+        """Train only this phase's stage(s): freeze the rest, then (re)wrap so DDP expects only live gradients."""
+        live = {id(p) for p in stage_params(self.model, phase)}
+        for p in self.model.parameters():
+            p.requires_grad_(id(p) in live)
+        gan = self.disc is not None and phase in ("stage2", "joint")
+        module = StageLoss(self.model, self.loss1, self.loss2, phase, disc=self.disc if gan else None,
+                           adv_g=self.adv.generator if gan else None, gan_weight=self.cfg.loss.gan_weight)
+        if dist.world_size() > 1:
+            module = DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                         bucket_cap_mb=self.cfg.run.ddp_bucket_mb, gradient_as_bucket_view=True,
+                         **NO_FORWARD_BUFFER_SYNC)
+        self.step_fn = torch.compile(module) if self.compile else module
+        self.compiling = self.compile
+        self.live_params = [p for p in self.model.parameters() if p.requires_grad]
+        self.phase = phase
+        self.log.print(f"phase {phase}: steps {phase_at(self.phase_plan, self.step)[1]}.."
+                       f"{phase_at(self.phase_plan, self.step)[2]}, {sum(p.numel() for p in self.live_params):,} "
+                       f"trainable parameters" + ("; torch.compile compiles its step on the first batch (minutes "
+                                                  "unless the compile cache has it)" if self.compile else ""))
+
+    # -- loops ------------------------------------------------------------------------------------------------
+    def train_loader(self, epoch: int, start: int, steps: int):
+        d = self.cfg.data
+        augment = pipeline.Augment(crop_size=d.crop_size, remask_prob=d.remask_prob,
+                                   hole_range=(d.hole_min, d.hole_max), fill_range=(d.fill_min, d.fill_max),
+                                   hflip=d.hflip, zoom_max=d.zoom_max)
+        ds = pipeline.TrainBatches(self.plan.train_urls, augment=augment, batch_size=d.batch_size,
+                                   seed=self.cfg.run.seed, epoch=epoch, rank=self.env.rank, start=start, steps=steps,
+                                   keep=self.plan.train_keep, shuffle_buffer=d.shuffle_buffer)
+        return pipeline.train_loader(ds, d.num_workers, pin_memory=self.device.type == "cuda")
+
+    def run_validation(self) -> dict:
+        d = self.cfg.data
+        ds = pipeline.ValSamples(self.plan.val_urls, rank=self.env.rank, world=self.world,
+                                 batch_size=d.val_batch_size, keep=self.plan.val_keep)
+        loader = pipeline.val_loader(ds, self.plan.val_workers, pin_memory=self.device.type == "cuda")
+        model = self.ema.module if self.ema is not None else self.model
+        dist.broadcast_buffers(model)
+        t0 = time.perf_counter()
+        sums = validate(model, loader, self.device, self.autocast_dtype, self.channels_last)
+        total = dist.all_reduce_sum(sums, self.device)  # the one collective of a validation
+        summary = summarize_sums(total)
+        summary["seconds"] = time.perf_counter() - t0
+        return summary
+
+    def on_signal(self, signum: int, frame) -> None:
+        self.stop_signal = signum
+
+    def run(self) -> int:
+        r = self.cfg.run
+        if self.env.is_main:
+            (self.run_dir / PREEMPTED).unlink(missing_ok=True)
+        for sig in PREEMPT_SIGNALS:
+            signal.signal(sig, self.on_signal)
+        self.log.print(f"training {self.total_steps} steps ({self.steps_per_epoch}/epoch, {self.world} rank(s) x "
+                       f"batch {self.cfg.data.batch_size}), {self.plan.num_train} train / {self.plan.num_val} val "
+                       f"samples, precision {self.precision}, compile {self.compile}, device {self.device}")
+        if self.compile_cache is not None:
+            for line in self.compile_cache.load():  # every rank: each compiles for itself
+                self.log.print(line)
+        reason = None
+        acc: dict[str, torch.Tensor] = {}
+        n_acc, t_log = 0, time.perf_counter()
+        while self.step < self.total_steps and reason is None:
+            epoch, offset = divmod(self.step, self.steps_per_epoch)
+            steps = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
+            loader = iter(self.train_loader(epoch, offset, steps))
+            for batch in loader:
+                phase = phase_at(self.phase_plan, self.step)[0]
+                if phase != self.phase:
+                    self.enter_phase(phase)
+                t_step = time.perf_counter()
+                terms = self.train_step(batch)
+                if self.compiling:
+                    self.after_compile(time.perf_counter() - t_step)
+                for k, v in terms.items():  # stays on the device: no host sync per step
+                    acc[k] = acc[k] + v if k in acc else v.clone()
+                n_acc += 1
+                self.step += 1
+                if self.step % r.log_every == 0 or self.step == self.total_steps:
+                    self.log_train(acc, n_acc, time.perf_counter() - t_log, epoch)
+                    acc, n_acc, t_log = {}, 0, time.perf_counter()
+                end_of_epoch = self.step % self.steps_per_epoch == 0 or self.step == self.total_steps
+                do_val = (self.step % r.val_every == 0) if r.val_every else end_of_epoch
+                do_val = do_val or self.step == self.total_steps
+                best = False
+                if do_val:
+                    best, reason = self.after_validation(self.run_validation())
+                # Every rank agrees on a preemption signal here, at a step boundary (host-side gloo all-reduce).
+                if dist.any_true(self.stop_signal is not None):
+                    reason = reason or "preempted"
+                do_ckpt = (self.step % r.ckpt_every == 0) if r.ckpt_every else do_val
+                if do_ckpt or best or reason is not None or self.step == self.total_steps:
+                    self.save(best=best)
+                if reason is not None:
+                    break
+            del loader  # joins this epoch's loader workers
+        if reason == "preempted":
+            if self.env.is_main:
+                atomic_write_json(self.run_dir / PREEMPTED, {
+                    "step": self.step, "signal": signal.Signals(self.stop_signal).name if self.stop_signal else None,
+                    "checkpoint": ckpt.latest_checkpoint(self.run_dir).name, "time": time.time()})
+            self.log.print(f"preempted at step {self.step}: checkpoint written, exiting {EXIT_PREEMPTED}")
+            self.log.close()
+            dist.barrier()
+            return EXIT_PREEMPTED
+        reason = reason or "finished"
+        if self.env.is_main:
+            atomic_write_json(self.run_dir / DONE, {
+                "reason": reason, "step": self.step, "total_steps": self.total_steps, "best_score": self.best,
+                "best_step": self.best_step, "last_val": self.last_val, "time": time.time()})
+        self.log.print(f"done ({reason}) at step {self.step}; best score {self.best:.4f} at step {self.best_step}")
+        self.log.close()
+        dist.barrier()
+        return EXIT_OK
+
+    def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        b = batch_to_device(batch, self.device, self.channels_last)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            total, terms, fake = self.step_fn(b["input"], b["mask"], b["gt_gray"], b["gt"])
+        if fake is not None:
+            self.disc.requires_grad_(False)  # the generator's backward passes through, the D grads stay empty
+        self.scaler.scale(total).backward()
+        if self.cfg.optim.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.live_params, self.cfg.optim.grad_clip,
+                                                                foreach=True).detach()
+        self.scaler.step(self.optimizer)
+        if fake is not None:
+            self.disc.requires_grad_(True)
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                d_loss = self.disc_step_fn(b["gt_gray"], b["gt"], *fake)
+            self.scaler.scale(d_loss).backward()
+            self.scaler.step(self.disc_opt)
+            self.disc_opt.zero_grad(set_to_none=True)
+            terms["gan_d"] = d_loss.detach()
+        self.scaler.update()  # once per step, after both optimizers
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return terms
+
+    def after_compile(self, seconds: float) -> None:
+        """After a phase's first compiled step: log what compiling cost, keep new artifacts for a restart."""
+        self.compiling = False
+        c = compile_counts()
+        saved = self.compile_cache.save() if self.compile_cache is not None and self.env.is_main else None
+        self.log.record("compile", self.step, {"phase": self.phase, "first_step_s": seconds, **c})
+        self.log.print(f"compile: phase {self.phase}, first step {seconds:.1f} s; graphs {c['graph_misses']} compiled, "
+                       f"{c['graph_hits']} from cache (so far in this process)")
+        if saved:
+            self.log.print(saved)
+
+    def log_train(self, acc: dict, n: int, seconds: float, epoch: int) -> None:
+        if not self.env.is_main or not acc:
+            return
+        names = sorted(acc)
+        values = torch.stack([acc[k].float() for k in names]).div_(n).tolist()  # the one host sync per interval
+        terms = dict(zip(names, values))
+        img_s = n * self.cfg.data.batch_size / max(seconds, 1e-9)
+        lr = self.scheduler.get_last_lr()[0]
+        mem = memory_gib(self.device)
+        self.log.record("train", self.step, {**terms, "img_per_s": img_s, "lr": lr, "mem_gib": mem, "epoch": epoch,
+                                             "phase": self.phase})
+        shown = " ".join(f"{k} {v:.4f}" for k, v in terms.items() if not k.endswith("_total"))
+        self.log.print(f"step {self.step}/{self.total_steps} ep {epoch} [{self.phase}] {shown} | "
+                       f"{img_s:.1f} img/s/rank | lr {lr:.2e} | mem {mem:.2f} GiB")
+
+    def after_validation(self, summary: dict) -> tuple[bool, str | None]:
+        """Best/early-stop bookkeeping (identical on every rank: the summary is all-reduced)."""
+        self.last_val = {k: summary[k] for k in ("score", "ssim", "masked_ssim", "hist_sim", "n", "n_degenerate")}
+        best = summary["score"] > self.best
+        if best:
+            self.best, self.best_step, self.bad_vals = summary["score"], self.step, 0
+        else:
+            self.bad_vals += 1
+        self.log.record("val", self.step, {**summary, "best_score": self.best, "bad_validations": self.bad_vals})
+        self.log.print(f"val step {self.step}: score {summary['score']:.4f} (ssim {summary['ssim']:.4f}, masked "
+                       f"{summary['masked_ssim']:.4f}, hist {summary['hist_sim']:.4f}; n {summary['n']}) "
+                       f"best {self.best:.4f}@{self.best_step} [{summary['seconds']:.1f}s]")
+        patience = self.cfg.run.patience
+        if patience and self.bad_vals >= patience:
+            self.log.print(f"early stop: no better score in {patience} validations")
+            return best, "early_stop"
+        return best, None
