@@ -1,7 +1,7 @@
 """What the restored photos are worth on real photos no model here trained on: the model vs gray copy vs classical
 inpainting, per DACON score term, side by side in one run.
 
-    python bench/quality.py                                   # the demo recipe and the quality recipe (~25 min, 2 cores)
+    python bench/quality.py                                   # the demo and the quality recipe (~25 min, 2 cores)
     python bench/quality.py --recipes demo --variant noprefill=demo:prefill=none     # what one design choice adds
     python bench/quality.py --tiny --held-dir DIR             # CPU smoke (tests): a tiny model, 2 steps, 64 px
 
@@ -13,9 +13,10 @@ and a 60% window), packed with DACON-style damage (``shards.pack photos``, seed 
 training photo, not other crops of them.
 
 Recipes (each trains with the real job under torchrun, 2 gloo ranks, the demo's CPU recipe ``launch.demo.CPU_RECIPE``):
-  demo     exactly ``python -m launch.demo``'s training: the bundled photos (``launch.demo.TRAIN_PHOTOS``), 240 steps
+  demo     exactly ``python -m launch.demo``'s training: the bundled photos (``launch.demo.TRAIN_PHOTOS``),
+           ``launch.demo.CPU_STEPS`` steps
   quality  the same recipe on the bundled photos plus the 12 nature photos of Debian's ``mate-backgrounds`` (also
-           fetched), 8 crops each, 1200 steps (~15 min on 2 cores)
+           fetched), 8 crops each, 1600 steps (~12 min on 2 cores)
   --variant NAME=RECIPE:key=value,...  a recipe with job overrides (e.g. ``prefill=none``), to measure one choice
 
 Every model restores the held-out inputs through the inference engine (``Engine``: both stages, the known luminance
@@ -54,7 +55,7 @@ HELD_PACKAGES = {
     "lomiri-wallpapers-20.04": ["usr/share/backgrounds/Kleiber_by_Lukas_Baubkus.jpg"],
 }
 TRAIN_PACKAGES = {"mate-backgrounds": ["usr/share/backgrounds/mate/nature/"]}
-QUALITY_STEPS = 1200
+QUALITY_STEPS = 1600
 HELD_SEED = 11
 
 
@@ -118,12 +119,12 @@ def train_recipe(name: str, recipe: str, overrides: list[str], work: Path, *, ca
                  extra_dirs: list[Path]) -> dict:
     """Train one recipe with the real job: the demo's data and CPU recipe, plus the recipe's photos, steps and
     ``overrides``. Returns the run dir and the wall time."""
-    from launch.demo import CPU_RECIPE, write_demo_shards
+    from launch.demo import CPU_RECIPE, CPU_STEPS, validation_interval, write_demo_shards
 
     out = work / name
     shutil.rmtree(out, ignore_errors=True)
     extra = list(extra_dirs) if recipe == "quality" else []
-    steps, crops, nproc = (QUALITY_STEPS if recipe == "quality" else 240), 8, 2
+    steps, crops, nproc = (QUALITY_STEPS if recipe == "quality" else CPU_STEPS), 8, 2
     job = list(CPU_RECIPE)
     if tiny:
         steps, crops, nproc = 2, 1, 1
@@ -136,7 +137,7 @@ def train_recipe(name: str, recipe: str, overrides: list[str], work: Path, *, ca
     run_dir = out / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m",
            "job.train", "--shards", str(shards), "--out", str(run_dir), f"max_steps={steps}",
-           f"val_every={max(steps // 4, 1)}", "seed=0", "resume=never", *job, *overrides]
+           f"val_every={validation_interval(steps)}", "seed=0", "resume=never", *job, *overrides]
     print(f"quality: training {name} ({recipe}, {steps} steps)\n$ {' '.join(cmd)}", flush=True)
     with open(out / "train.log", "w") as log:
         code = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,

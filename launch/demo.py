@@ -6,7 +6,8 @@ photos that ship with scikit-image, scikit-learn and matplotlib (``shards.sample
 damage packed into WebDataset shards (``python -m shards.pack photos``; two photos held out whole for validation)
 -> both stages trained briefly by the real DDP job under torchrun (``python -m job.train``; CPU: 2 gloo ranks, GPU:
 one rank per GPU) -> Ray batch inference (``python -m restore.batch_infer``) -> a submission zip -> its DACON score
-(``python -m restore.score``) next to two baselines scored the same way -> a picture grid (damaged input | stage 1 | final color | ground truth).
+(``python -m restore.score``) next to two baselines scored the same way -> a picture grid (damaged input | stage 1 |
+final color | ground truth).
 
 Every stage runs the project's real command line in a subprocess, so the demo exercises what users run.
 """
@@ -159,11 +160,20 @@ def write_demo_shards(out: Path, crops_per_photo: int, seed: int, extra_photos: 
     return shards_dir
 
 
-# The CPU recipe (2 gloo ranks, a couple of minutes): small crops, a light encoder and decoder, lr raised for the
-# short run. zoom_max=4 shows the 128 px crops from plain crops up to the whole 512 px image shrunk, so the model
-# also learns the layouts it sees at inference (bench/quality.py measures each choice).
-CPU_RECIPE = ("batch_size=4", "crop_size=128", "zoom_max=4", "num_workers=1", "precision=fp32", "lr=1e-3",
-              "decoder_channels=64,32,16,16,8", "warmup_steps=20", "log_every=20")
+# The CPU recipe (2 gloo ranks, a few minutes), chosen on held-out real photos with bench/quality.py (bench/RESULTS.md):
+# small crops and a light encoder and decoder; stage 1 starts from the harmonic fill and needs few steps of its own
+# (stages=staged: 10% stage 1 alone, 90% stage 2 alone on the true gray, whose steps cost about half a joint step);
+# lr 2e-3 for the short run; stage 2 colorizes the whole 512 px photo at 128 px (color_size), the scale of its
+# training crops, and lays the chroma on the full-resolution luma. Six photos are memorized after a few hundred
+# steps, so the validation pick (best.pt) matters: validation every CPU_STEPS // 8 steps.
+CPU_RECIPE = ("batch_size=4", "crop_size=128", "num_workers=1", "precision=fp32", "lr=2e-3",
+              "decoder_channels=64,32,16,16,8", "warmup_steps=20", "log_every=20", "stages=staged",
+              "stage_split=0.1,0.9", "color_size=128")
+CPU_STEPS, GPU_STEPS = 480, 1000
+
+
+def validation_interval(steps: int) -> int:
+    return max(steps // 8, 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="everything goes here (default demo_out)")
     parser.add_argument("--gpus", type=int, default=0, help="GPUs to train and infer on (0 = CPU, 2 gloo ranks)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: 240 on CPU, 1000 on GPU)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"training steps (default: {CPU_STEPS} on CPU, {GPU_STEPS} on GPU)")
     parser.add_argument("--encoder", default=None, help="encoder (default: tu-mobilenetv3_small_050 on CPU, efficientnet-b4 on GPU)")
     parser.add_argument("--crops-per-photo", type=int, default=8)
     parser.add_argument("--extra-photos", type=Path, action="append", default=[],
@@ -191,10 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     shards_dir = write_demo_shards(out, args.crops_per_photo, args.seed, args.extra_photos, log=log)
 
     run_dir = out / "run"
-    steps = args.steps or (1000 if on_gpu else 240)
+    steps = args.steps or (GPU_STEPS if on_gpu else CPU_STEPS)
     encoder = args.encoder or ("efficientnet-b4" if on_gpu else "tu-mobilenetv3_small_050")
-    overrides = [f"encoder={encoder}", f"max_steps={steps}", f"val_every={max(steps // 4, 1)}", f"seed={args.seed}",
-                 "resume=never"]
+    overrides = [f"encoder={encoder}", f"max_steps={steps}", f"val_every={validation_interval(steps)}",
+                 f"seed={args.seed}", "resume=never"]
     if on_gpu:
         import torch
 
