@@ -17,12 +17,12 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from restore.engine import Engine
-from restore.inputs import _EMPTY_RGB, BAD, TODO, DONE, BadInput, Plan, read_item
+from restore.inputs import _EMPTY_RGB, BAD, DONE, ROW_COLUMNS, TODO, BadInput, Plan, output_png, read_item
 from shards import schema
 
 SCORE_TERMS = ("score", "ssim", "masked_ssim", "hist_sim")
@@ -34,7 +34,8 @@ class RestoreWorker:
 
     def __init__(self, checkpoints: Sequence[str], tta: bool, composite: bool, keep_gt: bool,
                  batch_size: int | None = None, compile: str = "off", compile_cache: str | None = None,
-                 work_size: int | None = None, large_above: float | None = None) -> None:
+                 work_size: int | None = None, large_above: float | None = None, precision: str = "auto",
+                 keep_images: bool = False) -> None:
         import torch
 
         if not torch.cuda.is_available():
@@ -43,8 +44,9 @@ class RestoreWorker:
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.engine = Engine(checkpoints, tta=tta, composite=composite, batch_size=batch_size, compile=compile,
                              compile_cache=compile_cache, work_size=work_size, large_above=large_above,
-                             large_log=lambda line: print(f"{self.name}: {line}", flush=True))
+                             large_log=lambda line: print(f"{self.name}: {line}", flush=True), precision=precision)
         self.keep_gt = keep_gt
+        self.keep_images = keep_images  # the writers need the input and mask too (the gallery's thumbnails)
         self.name = f"{self.name}:{self.engine.device}"
         # The actor's clock (from the start of its first call) and its seconds in the model and in its calls, so far:
         # every row carries them, and the driver tells from them what the actor waited on (``actor_time_split``).
@@ -82,10 +84,12 @@ class RestoreWorker:
             per_image = model_s / len(idx)
             for j, i in enumerate(idx):
                 rgb[i], infer_s[i] = out[j], per_image
-        result = {k: batch[k] for k in ("key", "where", "status", "error", "note", "height", "width")}
+        result = {k: batch[k] for k in ROW_COLUMNS}
         # The usual batch (every row restored, one size): the engine's array is the column as it is. Copying it into
         # a new one costs the actor ~10 ms per 32 images at 512x512, time in which its GPU would wait.
         result["rgb"] = out if len(todo) == n and len(by_shape) == 1 else _rgb_column(rgb, todo)
+        result["precision"] = np.array([self.engine.precision if s == TODO else "" for s in batch["status"]],
+                                       dtype=object)
         result["worker"] = np.array([self.name if s == TODO else "" for s in batch["status"]], dtype=object)
         result["infer_s"] = infer_s
         self._show_cache_log()
@@ -93,7 +97,11 @@ class RestoreWorker:
         result["graphs_compiled"] = np.full(n, graphs["compiled"], np.int64)
         result["graphs_cached"] = np.full(n, graphs["cached"], np.int64)
         if self.keep_gt:
-            result["gt"], result["mask"] = batch["gt"], batch["mask"]
+            result["gt"] = batch["gt"]
+        if self.keep_gt or self.keep_images:
+            result["mask"] = batch["mask"]
+        if self.keep_images:
+            result["input"] = batch["input"]
         end = time.perf_counter()
         self._calls_s += end - call_start
         result["actor_clock_s"] = np.full(n, end - self._clock_start)
@@ -139,22 +147,28 @@ def _object_array(arrays: list[np.ndarray]) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------- write stage (tasks)
 def write_outputs(batch: dict[str, np.ndarray], *, png_dir: str, score: bool, compression: str = "fast",
-                  ) -> dict[str, np.ndarray]:
-    """Encode and atomically write each restored image as ``png_dir/KEY.png``; score it against gt if asked."""
+                  gallery_dir: str | None = None) -> dict[str, np.ndarray]:
+    """Encode and atomically write each restored image as ``png_dir/KEY.png`` and note its size and mtime (the
+    records' stamp); score it against gt if asked; write its gallery thumbnails if asked (``restore.gallery``)."""
     n = len(batch["key"])
     encode_s = np.zeros(n, np.float64)
+    png_size = np.zeros(n, np.int64)
+    png_mtime_ns = np.zeros(n, np.int64)
     terms = {t: np.full(n, np.nan) for t in SCORE_TERMS}
     degenerate = np.array([""] * n, dtype=object)
     for i in range(n):
         status, key = batch["status"][i], batch["key"][i]
+        path = output_png(Path(png_dir), key)
         pred = None
         if status == TODO:
             start = time.perf_counter()
             pred = np.asarray(batch["rgb"][i], dtype=np.uint8)
-            schema.atomic_write_bytes(Path(png_dir) / f"{key}.png", schema.encode_png(pred, "RGB", compression))
+            schema.atomic_write_bytes(path, schema.encode_png(pred, "RGB", compression))
+            st = os.stat(path)
+            png_size[i], png_mtime_ns[i] = st.st_size, st.st_mtime_ns
             encode_s[i] = time.perf_counter() - start
-        elif status == DONE and score:
-            pred = schema.decode_png((Path(png_dir) / f"{key}.png").read_bytes(), "RGB", f"{png_dir}/{key}.png")
+        elif status == DONE and (score or gallery_dir):
+            pred = schema.decode_png(path.read_bytes(), "RGB", str(path))
         if score and pred is not None:
             from restore.score import score_image
 
@@ -162,13 +176,16 @@ def write_outputs(batch: dict[str, np.ndarray], *, png_dir: str, score: bool, co
             for t in SCORE_TERMS:
                 terms[t][i] = result[t]
             degenerate[i] = ",".join(result["degenerate"])
-    out = {k: batch[k] for k in ("key", "where", "status", "error", "note", "height", "width", "worker",
-                                 "infer_s", *ACTOR_COLUMNS)}
+        if gallery_dir and pred is not None:
+            from restore.gallery import write_thumbnails
+
+            write_thumbnails(gallery_dir, key, np.asarray(batch["input"][i]), np.asarray(batch["mask"][i]), pred)
+    out = {k: batch[k] for k in (*ROW_COLUMNS, "precision", "worker", "infer_s", *ACTOR_COLUMNS)}
     out["encode_s"] = encode_s
+    out["png_size"], out["png_mtime_ns"] = png_size, png_mtime_ns
     out["degenerate"] = degenerate
     out.update(terms)
     return out
-
 
 
 # ---------------------------------------------------------------------------------------------- the cluster
@@ -231,51 +248,50 @@ def pool_resources(workers: int | None, gpus_per_worker: float | None, cpus_per_
 
 # ---------------------------------------------------------------------------------------------- the pipeline (driver)
 def run_pipeline(plan: Plan, checkpoints: Sequence[Path], args, *, png_dir: Path, cache_dir: Path | None,
+                 pool: tuple[int, float, float], gallery_dir: Path | None = None,
+                 on_batch: Callable[[list[dict]], object] | None = None,
                  ) -> tuple[list[dict], list[tuple[float, int]]]:
-    """Stream ``plan`` through read tasks, model actors and PNG writers on Ray (a local one unless ``args.address``);
-    returns the rows (one per key, as the writers hand them back) and, per arriving batch, (time, images restored).
-    ``args``: the CLI's options (``restore.batch_infer.build_parser``). Raises ``BadInput`` for a bad key unless
-    ``args.skip_bad``, and for an actor pool the cluster cannot place."""
-    import ray
+    """Stream ``plan`` through read tasks, model actors and PNG writers on the Ray this process is connected to
+    (``start_ray``), with ``pool`` = (actors, GPUs and CPUs per actor) from ``pool_resources``. Returns the rows (one
+    per key, as the writers hand them back) and, per arriving batch, (time, images restored). ``on_batch`` gets each
+    batch's rows as they arrive (the driver records the outputs written). ``args``: the CLI's options
+    (``restore.batch_infer.build_parser``). Raises ``BadInput`` for a bad key unless ``args.skip_bad``."""
     import ray.data
 
-    own_ray = start_ray(args.address)
-    try:
-        configure_ray_data()
-        workers, gpus_per_worker, cpus_per_worker = pool_resources(args.workers, args.gpus_per_worker,
-                                                                   args.cpus_per_worker)
-        print(f"ray: {workers} worker(s) x ({gpus_per_worker:g} GPU, {cpus_per_worker:g} CPU), "
-              f"batch {args.batch_size}, tta {'on' if args.tta else 'off'}, "
-              f"composite {'on' if args.composite else 'off'}, compile {args.compile}, "
-              f"{len(checkpoints)} checkpoint(s); images above {args.large_above:g} MP in bounded memory at work "
-              f"size {args.work_size}")
-        if args.compile != "off":
-            print(f"compile: each actor compiles the model on its first batch (minutes on a GPU, unless the compile "
-                  f"cache has it) before its first images arrive; then every call runs a static batch of "
-                  f"{args.batch_size}; compile cache {cache_dir or 'off'}")
-        ds = ray.data.from_items(plan.items, override_num_blocks=len(plan.items))
-        ds = ds.flat_map(read_item, fn_kwargs={"with_gt": args.score})
-        ds = ds.map_batches(
-            RestoreWorker,
-            fn_constructor_kwargs={"checkpoints": [str(c) for c in checkpoints], "tta": args.tta,
-                                   "composite": args.composite, "keep_gt": args.score,
-                                   "batch_size": args.batch_size, "compile": args.compile,
-                                   "compile_cache": str(cache_dir) if cache_dir else None,
-                                   "work_size": args.work_size, "large_above": args.large_above},
-            compute=ray.data.ActorPoolStrategy(size=workers),
-            batch_size=args.batch_size, batch_format="numpy", num_gpus=gpus_per_worker, num_cpus=cpus_per_worker,
-            zero_copy_batch=True,  # read-only views: neither stage writes its input (older Rays copy by default)
-        )
-        ds = ds.map_batches(write_outputs, fn_kwargs={"png_dir": str(png_dir.resolve()), "score": args.score,
-                                                      "compression": args.png_compression},
-                            batch_size=args.batch_size, batch_format="numpy", zero_copy_batch=True)
-        return _consume(ds, len(plan.keys), skip_bad=args.skip_bad)
-    finally:
-        if own_ray:
-            ray.shutdown()
+    workers, gpus_per_worker, cpus_per_worker = pool
+    print(f"ray: {workers} worker(s) x ({gpus_per_worker:g} GPU, {cpus_per_worker:g} CPU), "
+          f"batch {args.batch_size}, tta {'on' if args.tta else 'off'}, "
+          f"composite {'on' if args.composite else 'off'}, compile {args.compile}, "
+          f"{len(checkpoints)} checkpoint(s); images above {args.large_above:g} MP in bounded memory at work "
+          f"size {args.work_size}")
+    if args.compile != "off":
+        print(f"compile: each actor compiles the model on its first batch (minutes on a GPU, unless the compile "
+              f"cache has it) before its first images arrive; then every call runs a static batch of "
+              f"{args.batch_size}; compile cache {cache_dir or 'off'}")
+    ds = ray.data.from_items(plan.items, override_num_blocks=len(plan.items))
+    ds = ds.flat_map(read_item, fn_kwargs={"with_gt": args.score, "load_done": gallery_dir is not None})
+    ds = ds.map_batches(
+        RestoreWorker,
+        fn_constructor_kwargs={"checkpoints": [str(c) for c in checkpoints], "tta": args.tta,
+                               "composite": args.composite, "keep_gt": args.score,
+                               "batch_size": args.batch_size, "compile": args.compile,
+                               "compile_cache": str(cache_dir) if cache_dir else None,
+                               "work_size": args.work_size, "large_above": args.large_above,
+                               "precision": args.precision, "keep_images": gallery_dir is not None},
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        batch_size=args.batch_size, batch_format="numpy", num_gpus=gpus_per_worker, num_cpus=cpus_per_worker,
+        zero_copy_batch=True,  # read-only views: neither stage writes its input (older Rays copy by default)
+    )
+    ds = ds.map_batches(write_outputs, fn_kwargs={"png_dir": str(png_dir.resolve()), "score": args.score,
+                                                  "compression": args.png_compression,
+                                                  "gallery_dir": str(gallery_dir.resolve()) if gallery_dir
+                                                  else None},
+                        batch_size=args.batch_size, batch_format="numpy", zero_copy_batch=True)
+    return _consume(ds, len(plan.keys), skip_bad=args.skip_bad, on_batch=on_batch)
 
 
-def _consume(ds, total: int, *, skip_bad: bool) -> tuple[list[dict], list[tuple[float, int]]]:
+def _consume(ds, total: int, *, skip_bad: bool, on_batch: Callable[[list[dict]], object] | None = None,
+             ) -> tuple[list[dict], list[tuple[float, int]]]:
     """Drain the pipeline with a progress bar; the first bad key aborts unless ``skip_bad``.
 
     Returns the rows and, per arriving batch, (time, images restored in it).
@@ -287,8 +303,11 @@ def _consume(ds, total: int, *, skip_bad: bool) -> tuple[list[dict], list[tuple[
     restored = 0
     with tqdm(total=total, unit="img", desc="restore", file=sys.stderr, mininterval=1.0, smoothing=0.1) as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            for i in range(len(batch["key"])):
-                row = {k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()}
+            batch_rows = [{k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()}
+                          for i in range(len(batch["key"]))]
+            if on_batch is not None:  # before a bad row may stop the run: what was written is recorded
+                on_batch(batch_rows)
+            for row in batch_rows:
                 if row["status"] == BAD and not skip_bad:
                     raise BadInput(f"{row['error']}\n(rerun with --skip-bad to restore the rest and list the "
                                    f"bad keys; finished images are kept and will not be redone)")

@@ -1,7 +1,9 @@
 """The submission zip: written to a temp name, verified, then renamed, so ``--out`` is complete or absent.
 
 DACON wants a flat zip of RGB PNGs named like the test inputs; ``verify_zip`` checks exactly that (names and count
-equal the keys, every entry decodes as RGB of its input's size) before ``build_zip`` renames it into place.
+equal the keys, every entry decodes as RGB of its input's size) before ``build_zip`` renames it into place. A key with
+folders (``--images DIR --recursive``: ``box1/scan_0001``) is stored under its relative path; the competition's keys
+have none, so its zip stays flat.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from PIL import Image
 
 def build_zip(png_dir: Path, keys: Sequence[str], sizes: dict[str, tuple[int, int]], out: Path,
               comment: str = "") -> None:
-    """Write ``out`` (flat, one ``KEY.png`` per key) via a temp name; verify it before the rename."""
+    """Write ``out`` (one ``KEY.png`` per key: flat unless keys hold folders) via a temp name; verify it before the
+    rename."""
     missing = [k for k in keys if not (png_dir / f"{k}.png").is_file()]
     if missing:
         raise RuntimeError(f"{png_dir}: {len(missing)} restored images are missing: {', '.join(missing[:10])}")
@@ -40,11 +43,12 @@ def build_zip(png_dir: Path, keys: Sequence[str], sizes: dict[str, tuple[int, in
 
 
 def verify_zip(path: Path, keys: Sequence[str], sizes: dict[str, tuple[int, int]]) -> None:
-    """Flat; names and count exactly ``KEY.png`` per key; each entry decodes as RGB of its input's (H, W)."""
+    """Names and count exactly ``KEY.png`` per key (so flat when no key holds a folder: nothing nested that is not
+    a key's own path); each entry decodes as RGB of its input's (H, W)."""
     with zipfile.ZipFile(path) as zf:
         names = zf.namelist()
         expected = {f"{k}.png" for k in keys}
-        nested = [n for n in names if "/" in n or "\\" in n]
+        nested = [n for n in names if ("/" in n or "\\" in n) and n not in expected]
         if nested or len(names) != len(expected) or set(names) != expected:
             extra, lacking = sorted(set(names) - expected), sorted(expected - set(names))
             raise RuntimeError(f"{path}: zip check failed: {len(names)} entries for {len(expected)} keys; "

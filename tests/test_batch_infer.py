@@ -134,7 +134,7 @@ def test_restores_test_split_into_a_flat_verified_zip_and_resumes_without_redoin
         # compositing: outside the hole the PIL luminance is the input's, bit for bit
         known = ~sample.mask
         assert np.array_equal(_pil_l(rgb)[known], sample.input[known])
-    assert not (tmp_path / batch_infer.BAD_KEYS_NAME).exists()
+    assert not (tmp_path / "sub.bad.json").exists()
 
     # A crash: two PNGs never got written, one temp file and a half-written zip temp were left behind.
     png_dir = tmp_path / "sub_png"
@@ -148,10 +148,12 @@ def test_restores_test_split_into_a_flat_verified_zip_and_resumes_without_redoin
 
     r = infer("--shards", split, "--checkpoint", ckpt, "--out", out)
     assert r.returncode == 0, r.stderr
-    assert f"{len(keys) - 2} already in" in r.stdout and "removed 1 leftover temp files" in r.stdout
+    assert f"reuse: {len(keys) - 2} of {len(keys)} images have a finished PNG made the same way" in r.stdout
+    assert "removed 1 leftover temp files" in r.stdout
     assert f"done: 2 restored, {len(keys) - 2} already done, 0 bad" in r.stdout
     assert {k: (png_dir / f"{k}.png").stat().st_mtime_ns for k in keys[2:]} == kept  # not redone
-    assert sorted(p.name for p in png_dir.iterdir()) == sorted(f"{k}.png" for k in keys)
+    assert sorted(p.name for p in png_dir.iterdir()) == sorted([f"{k}.png" for k in keys] + [
+        ".restore.lock", ".restore_records.jsonl"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sub.zip", "sub_png"]
     again = _zip_images(out)
     assert sorted(again) == sorted(images)
@@ -195,7 +197,7 @@ def test_bad_samples_exit_2_naming_them_and_skip_bad_restores_the_rest(infer, ck
     assert f"skipped 2 bad input(s)" in r.stdout
     assert f"{corrupt}: " in r.stdout and "cannot decode PNG" in r.stdout
     assert f"{maskless}: " in r.stdout and f"missing member {maskless}.mask.png" in r.stdout
-    listing = json.loads((out.parent / batch_infer.BAD_KEYS_NAME).read_text())
+    listing = json.loads((out.parent / "sub.bad.json").read_text())  # named after the zip: this job's own
     assert sorted(b["key"] for b in listing["bad"]) == sorted([corrupt, maskless])
     assert listing["zip_holds"] == len(keys) - 2 and listing["expected"] == len(keys)
     good = sorted(f"{k}.png" for k in keys if k not in (corrupt, maskless))
@@ -294,7 +296,10 @@ def test_compiled_engine_pads_to_one_static_batch_and_matches_eager(ckpt):
     # aot_eager: dynamo traces the real graph (what inductor would compile) without generating kernels.
     engine = Engine([ckpt], device="cpu", batch_size=3, compile="default", compile_backend="aot_eager")
     got = engine.restore(gray, mask)  # calls of 3, 3 and 1 padded to 3
-    assert np.array_equal(got, want)
+    # The traced graph decomposes some ops (bilinear resampling in the prefill), so the float results may differ in
+    # the last bits; after rounding to 8 bits that is at most one level on a handful of pixels.
+    diff = np.abs(got.astype(np.int16) - want)
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
     assert engine.padded_images == 2 and engine.forward_passes == 9
     assert np.array_equal(engine.restore(gray[4:5], mask[4:5]), want[4:5])
     assert engine.padded_images == 4
@@ -465,7 +470,7 @@ def test_compiled_actors_save_their_graphs_and_actors_on_another_node_load_them(
                 == (tmp_path / "cold_png" / f"{key}.png").read_bytes()), key
 
 
-@pytest.mark.parametrize("case", ["mismatched", "missing", "empty_dir", "no_runs", "png_dir_is_input",
+@pytest.mark.parametrize("case", ["mismatched", "missing", "text_file", "empty_dir", "no_runs", "png_dir_is_input",
                                   "compile_cache_bool"])
 def test_bad_checkpoint_or_source_exits_2_before_any_work(case, ckpt, tiny_dacon_shards, tmp_path, capsys):
     split = tiny_dacon_shards / "test"
@@ -478,6 +483,10 @@ def test_bad_checkpoint_or_source_exits_2_before_any_work(case, ckpt, tiny_dacon
         args[3], needle = str(bad), f"checkpoint {bad}"
     elif case == "missing":
         args[3], needle = str(tmp_path / "nope.pt"), str(tmp_path / "nope.pt")
+    elif case == "text_file":
+        (tmp_path / "notes.pt").write_text("101 photos from the attic\n")
+        args[3] = str(tmp_path / "notes.pt")
+        needle = f"checkpoint {tmp_path / 'notes.pt'} is not a checkpoint (torch.save writes a zip or a pickle): it is a text file"
     elif case == "empty_dir":
         (tmp_path / "empty").mkdir()
         args[1], needle = str(tmp_path / "empty"), str(tmp_path / "empty")
@@ -571,7 +580,8 @@ def test_actor_hands_the_engines_array_on_when_every_row_was_restored(ckpt):
         return {"key": np.array([f"k{i}" for i in range(n)], dtype=object), "where": np.array(["s"] * n, dtype=object),
                 "status": np.array(statuses, dtype=object), "error": np.array([""] * n, dtype=object),
                 "note": np.array([""] * n, dtype=object), "height": np.full(n, 32), "width": np.full(n, 32),
-                "input": gray[:n], "mask": mask[:n]}
+                "input": gray[:n], "mask": mask[:n], "hole_frac": np.zeros(n),
+                **{c: np.array([""] * n, dtype=object) for c in ("input_sha", "mask_sha", "mask_source", "redo")}}
 
     all_todo = worker(batch([inputs.TODO] * 3))
     assert all_todo["rgb"] is returned[-1]  # no copy: the usual batch
@@ -658,3 +668,385 @@ def test_a_large_scan_is_restored_at_its_size_through_the_bounded_memory_path(in
     assert detected[hole].all() and detected.sum() < hole.sum() + 50
     assert np.array_equal(lum[~detected], gray[~detected])
     assert (lum[hole] != 30).mean() > 0.9
+
+
+# ------------------------------------------------------------------------------------------- an archivist's folder
+def _photo(name: str, size: tuple[int, int]) -> np.ndarray:
+    """A real photo (scikit-image's bundled ones), shrunk to ``size`` (W, H): gray uint8, or RGB for color ones."""
+    from skimage import data
+
+    return np.array(Image.fromarray(getattr(data, name)()).resize(size, Image.BILINEAR))
+
+
+def _damage(gray: np.ndarray, box: tuple[int, int, int, int], fill: int) -> np.ndarray:
+    y0, y1, x0, x1 = box
+    out = gray.copy()
+    out[y0:y1, x0:x1] = fill
+    return out
+
+
+def _archive(root: Path) -> dict:
+    """A folder as an archivist has it: a gray JPEG, a 16-bit PNG, a TIFF, a sepia JPEG (taken sideways: EXIF
+    orientation 6), a palette PNG, a subfolder, a clean photo, a scratched scan with a user mask, a text file and a
+    corrupt JPEG. Every image has its own size. Returns what the test needs: the key of each case."""
+    images, masks = root / "scans", root / "masks"
+    (images / "box1").mkdir(parents=True)
+    masks.mkdir()
+    camera = _photo("camera", (96, 80))
+    Image.fromarray(_damage(camera, (20, 44, 30, 60), 25)).save(images / "gray.jpg", quality=92)
+    deep = _damage(_photo("camera", (90, 70)).astype(np.uint16) * 257 + 100, (10, 30, 40, 70), 30 * 257)
+    Image.fromarray(deep).save(images / "deep16.png")  # mode I;16
+    Image.fromarray(_damage(_photo("moon", (88, 72)), (40, 60, 10, 40), 60)).save(images / "scan.tif")
+    astronaut = _photo("astronaut", (84, 76)).astype(np.float32)
+    luma = astronaut @ np.array([0.299, 0.587, 0.114], np.float32)
+    sepia = np.clip(luma[..., None] * np.array([1.07, 0.74, 0.43], np.float32) + [20, 10, 0], 0, 255).astype(np.uint8)
+    sideways = Image.fromarray(sepia)
+    exif = sideways.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view: the restoration is 76 wide, 84 high
+    sideways.save(images / "sepia.jpg", quality=92, exif=exif)
+    Image.fromarray(_photo("coffee", (78, 66))).quantize(64).save(images / "palette.png")
+    Image.fromarray(_damage(_photo("camera", (70, 74)), (30, 50, 20, 40), 5)).save(images / "box1" / "inner.png")
+    Image.fromarray(_photo("camera", (82, 68))).save(images / "clean.png")
+    scratched = _photo("camera", (92, 78))
+    line = np.zeros(scratched.shape, bool)
+    for x in range(10, 80):  # a thin diagonal scratch, not one constant region a detector would find
+        line[int(10 + x * 0.7):int(12 + x * 0.7), x] = True
+    scratched[line] = 250
+    Image.fromarray(scratched).save(images / "scratch.png")
+    Image.fromarray(line.astype(np.uint8) * 255).save(masks / "scratch.png")
+    (images / "notes.txt").write_text("box 1, shelf 3\n")
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"not really a jpeg" * 4)
+    return {"images": images, "masks": masks, "scratch_line": line}
+
+
+def _used_mask(path: Path, user_mask: Path | None = None, dilate: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(the luma the pipeline reads from ``path``, the hole it uses): the read stage's own functions."""
+    gray, _, lossy = inputs.load_gray(str(path))
+    if user_mask is not None:
+        return gray, inputs.load_mask(str(user_mask), gray.shape, str(path), dilate)
+    mask, _, _ = inputs._detect(gray, lossy)
+    return gray, mask
+
+
+def test_an_archive_folder_of_any_format_with_user_masks_subfolders_and_a_gallery(infer, ckpt, tmp_path):
+    case = _archive(tmp_path)
+    images, out, gallery = case["images"], tmp_path / "restored.zip", tmp_path / "review"
+    r = infer("--images", images, "--recursive", "--masks", case["masks"], "--checkpoint", ckpt, "--out", out,
+              "--skip-bad", "--gallery", gallery)
+    assert r.returncode == 0, r.stderr
+    keys = ["box1/inner", "clean", "deep16", "gray", "palette", "scan", "scratch", "sepia"]
+    assert "images: " in r.stdout and "9 images; ignored 1 non-image files (notes.txt)" in r.stdout
+    assert "masks: 1 given in" in r.stdout and "(grown 3 px); 8 images without one get the detector" in r.stdout
+    assert "done: 8 restored, 0 already done, 1 bad, 1 non-image files ignored" in r.stdout
+    # the corrupt JPEG: listed with its reason in this job's bad list (named after the zip), not skipped silently
+    assert "broken: " in r.stdout and "broken.jpg: cannot read as an image" in r.stdout
+    listing = json.loads((tmp_path / "restored.bad.json").read_text())
+    assert [b["key"] for b in listing["bad"]] == ["broken"] and "cannot read as an image" in listing["bad"][0]["error"]
+    # what each file needed, said per file
+    assert re.search(r"note: sepia: EXIF orientation 6 applied; color image \(mode RGB\) converted to luma", r.stdout)
+    assert re.search(r"note: palette: color image \(mode P\) converted to luma", r.stdout)
+    assert re.search(r"note: deep16: 16-bit gray scaled to 8-bit; damage: ", r.stdout)
+    assert re.search(r"note: clean: no damage found \(.*\); colorized only", r.stdout)
+    assert re.search(r"note: scratch: user mask [\d.]+% of the image \(grown 3 px\)", r.stdout)
+
+    restored = _zip_images(out)
+    assert sorted(restored) == [f"{k}.png" for k in keys]  # the subfolder's key keeps its path in the zip
+    assert (tmp_path / "restored_png" / "box1" / "inner.png").is_file()
+    sources = {"box1/inner": "box1/inner.png", "clean": "clean.png", "deep16": "deep16.png", "gray": "gray.jpg",
+               "palette": "palette.png", "scan": "scan.tif", "scratch": "scratch.png", "sepia": "sepia.jpg"}
+    for key, name in sources.items():
+        user = case["masks"] / "scratch.png" if key == "scratch" else None
+        gray, hole = _used_mask(images / name, user, dilate=3)
+        rgb = restored[f"{key}.png"]
+        assert rgb.shape == (*gray.shape, 3), key  # 8-bit RGB at the input's own (upright) size
+        lum = _pil_l(rgb)
+        assert np.array_equal(lum[~hole], gray[~hole]), key  # outside the damage, the input's luma bit for bit
+    assert restored["sepia.png"].shape == (84, 76, 3)  # turned upright
+    with Image.open(images / "deep16.png") as img16:  # the documented 16 -> 8 bit rule: round(v * 255 / 65535)
+        want = np.round(np.asarray(img16).astype(np.float64) * 255 / 65535).astype(np.uint8)
+    assert np.array_equal(_used_mask(images / "deep16.png")[0], want)
+    for key in ("deep16", "scan", "box1/inner", "gray"):  # the constant fills were found, PNG, TIFF and JPEG alike
+        assert _used_mask(images / sources[key])[1].mean() > 0.05, key
+    # the clean photo: nothing invented, its luma untouched everywhere (only colorized)
+    clean = np.asarray(Image.open(images / "clean.png"))
+    assert np.array_equal(_pil_l(restored["clean.png"]), clean)
+    # the scratch under the user's mask was filled: its pixels moved away from the scratch's 250
+    scratch_lum = _pil_l(restored["scratch.png"])[case["scratch_line"]]
+    assert (np.abs(scratch_lum.astype(int) - 250) > 30).mean() > 0.9
+
+    _check_gallery(gallery, keys, tmp_path / "restored_png")
+
+
+def _check_gallery(gallery: Path, keys: list[str], png_dir: Path) -> None:
+    """The gallery's HTML parses, every page links its neighbours, every referenced file exists, every key is shown
+    with its note, and a damaged image's before thumbnail has the red outline."""
+    from html.parser import HTMLParser
+    from urllib.parse import unquote
+
+    class Links(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.refs, self.rel, self.text, self.figures = [], {}, [], []
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            for name in ("src", "href"):
+                if a.get(name):
+                    self.refs.append(a[name])
+            if tag == "a" and a.get("rel"):
+                self.rel[a["rel"]] = a["href"]
+            if tag == "figure":
+                self.figures.append(a["id"])
+
+        def handle_data(self, data):
+            self.text.append(data)
+
+    index = gallery / "index.html"
+    pages = sorted(gallery.glob("page_*.html"))
+    assert index.is_file() and [p.name for p in pages] == ["page_001.html"]
+    shown = []
+    for page in [index, *pages]:
+        parser = Links()
+        parser.feed(page.read_text())
+        parser.close()
+        for ref in parser.refs:
+            assert (page.parent / unquote(ref)).is_file(), (page.name, ref)
+        shown += parser.figures
+        text = " ".join(parser.text)
+        if page == index:
+            assert "8 restored, 0 reused, 1 not restored" in text and "broken" in text and "notes.txt" in text
+        else:
+            assert "no damage found: colorized only" in text and "converted to luma" in text
+            assert "mask: given" in text and "mask: detected" in text
+    assert sorted(shown) == sorted(keys)
+    before = np.asarray(Image.open(gallery / "thumbs" / "scan.before.jpg").convert("RGB")).astype(int)
+    red = (before[..., 0] > 180) & (before[..., 1] < 90) & (before[..., 2] < 90)
+    assert red.sum() > 40  # the outline of the 20x30 hole
+    clean = np.asarray(Image.open(gallery / "thumbs" / "clean.before.jpg").convert("RGB")).astype(int)
+    assert not ((clean[..., 0] > 180) & (clean[..., 1] < 90) & (clean[..., 2] < 90)).any()  # nothing outlined
+    with Image.open(gallery / "thumbs" / "box1" / "inner.after.jpg") as after:
+        assert after.size == (70, 74)  # small images keep their size (thumbnails are at most 320 px)
+
+
+def _pngs(png_dir: Path) -> dict[str, tuple[int, bytes]]:
+    return {p.relative_to(png_dir).as_posix(): (p.stat().st_mtime_ns, p.read_bytes()) for p in png_dir.rglob("*.png")}
+
+
+def test_a_rerun_reuses_only_what_the_same_checkpoint_and_options_made(infer, ckpt, tmp_path):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for i, size in enumerate([(64, 56), (72, 60)]):
+        Image.fromarray(_damage(_photo("camera", size), (10, 30, 12, 40), 20 + i)).save(scans / f"s{i}.png")
+    png_dir = tmp_path / "out"
+    common = ("--images", scans, "--no-zip", "--png-dir", png_dir)
+    first = infer(*common, "--checkpoint", ckpt)
+    assert first.returncode == 0, first.stderr
+    assert "done: 2 restored, 0 already done" in first.stdout
+    made = _pngs(png_dir)
+
+    same = infer(*common, "--checkpoint", ckpt)
+    assert "done: 0 restored, 2 already done" in same.stdout and _pngs(png_dir) == made  # untouched
+
+    tta = infer(*common, "--checkpoint", ckpt, "--tta")
+    assert "redo 2: tta changed (False -> True) (s0, s1)" in tta.stdout
+    assert "done: 2 restored, 0 already done, 0 bad, 2 redone" in tta.stdout
+    with_tta = _pngs(png_dir)
+    assert all(with_tta[k][0] != made[k][0] for k in made)  # rewritten
+
+    other = _save_checkpoint(tmp_path / "other.pt", seed=3)
+    r = infer(*common, "--checkpoint", other, "--tta")
+    assert "redo 2: checkpoint changed" in r.stdout and "done: 2 restored, 0 already done" in r.stdout
+    assert all(_pngs(png_dir)[k][1] != with_tta[k][1] for k in made)  # another model, other pixels
+
+    # An output edited (or replaced) after it was recorded is not the one recorded: redone whatever the options.
+    (png_dir / "s0.png").write_bytes((png_dir / "s1.png").read_bytes())
+    r = infer(*common, "--checkpoint", other, "--tta", "--no-composite")
+    assert "redo 1: PNG not the one recorded (s0); 1: composite changed (True -> False) (s1)" in r.stdout
+
+
+def test_two_folders_with_the_same_file_names_never_share_a_restoration(infer, ckpt, tmp_path):
+    box_a, box_b, copy_of_b = tmp_path / "box_a", tmp_path / "box_b", tmp_path / "copy_of_b"
+    for folder, photo in ((box_a, "camera"), (box_b, "moon")):
+        folder.mkdir()
+        Image.fromarray(_damage(_photo(photo, (64, 64)), (8, 30, 8, 30), 40)).save(folder / "scan_0001.png")
+    shutil.copytree(box_b, copy_of_b)
+    png_dir = tmp_path / "restored"
+
+    def run(folder):
+        r = infer("--images", folder, "--no-zip", "--png-dir", png_dir, "--checkpoint", ckpt)
+        assert r.returncode == 0, r.stderr
+        return r, _pil_l(np.asarray(Image.open(png_dir / "scan_0001.png")))
+
+    _, from_a = run(box_a)
+    r, from_b = run(box_b)  # same name, other photo: redone and overwritten, and the log says why
+    assert "redo 1: input changed (scan_0001)" in r.stdout and "done: 1 restored, 0 already done" in r.stdout
+    gray_b, hole_b = _used_mask(box_b / "scan_0001.png")
+    assert np.array_equal(from_b[~hole_b], gray_b[~hole_b]) and not np.array_equal(from_a, from_b)
+    r, _ = run(copy_of_b)  # the same bytes in another folder: provably the same restoration, reused
+    assert "done: 0 restored, 1 already done" in r.stdout
+    # Back to box_a (with a broken file now): redone from its own bytes, the same pixels as its first run; each
+    # job's list of failures is its own, named after its input folder (no zip), never one file per folder.
+    (box_a / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    r = infer("--images", box_a, "--no-zip", "--png-dir", png_dir, "--checkpoint", ckpt, "--skip-bad")
+    assert r.returncode == 0, r.stderr
+    assert "redo 1: input changed" in r.stdout
+    assert np.array_equal(_pil_l(np.asarray(Image.open(png_dir / "scan_0001.png"))), from_a)
+    (listing,) = png_dir.glob("box_a-*.bad.json")
+    assert [b["key"] for b in json.loads(listing.read_text())["bad"]] == ["broken"]
+    assert run(box_b)[0].returncode == 0 and listing.exists()  # box_b's clean run leaves box_a's list alone
+
+
+def test_a_mask_of_another_size_stops_the_run_naming_both_files(infer, ckpt, tmp_path):
+    scans, masks = tmp_path / "scans", tmp_path / "masks"
+    scans.mkdir()
+    masks.mkdir()
+    Image.fromarray(_photo("camera", (64, 48))).save(scans / "a.png")
+    Image.fromarray(np.zeros((40, 64), np.uint8)).save(masks / "a.png")
+    r = infer("--images", scans, "--masks", masks, "--checkpoint", ckpt, "--out", tmp_path / "a.zip")
+    assert r.returncode == 2
+    assert (f"error: mask {masks / 'a.png'} is 64x40 but its image {scans / 'a.png'} is 64x48: a mask must have "
+            f"its image's size") in r.stderr
+    assert not (tmp_path / "a.zip").exists() and not list((tmp_path / "a_png").glob("*.png"))
+
+
+def test_exit_codes_another_job_on_the_folder_is_2_and_an_internal_failure_is_1(ckpt, tmp_path, capsys,
+                                                                                monkeypatch):
+    from restore.records import job_lock
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(scans / "a.png")
+    args = ["--images", str(scans), "--checkpoint", str(ckpt), "--no-zip", "--png-dir", str(tmp_path / "out")]
+    with job_lock(tmp_path / "out"):
+        assert batch_infer.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'out'}: another restore job is writing this folder (pid {os.getpid()}")
+
+    def broken(_args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(batch_infer, "run", broken)
+    assert batch_infer.main(args) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.rstrip().splitlines()[-1].startswith(
+        "error: internal failure (RuntimeError: a bug)")
+
+
+def test_records_name_the_first_difference_and_survive_a_torn_line(tmp_path):
+    from restore import records
+
+    png_dir = tmp_path / "out"
+    (png_dir / "box").mkdir(parents=True)
+    for key in ("a", "box/b", "c"):
+        (png_dir / f"{key}.png").write_bytes(b"png of " + key.encode())
+    current = records.recipe(["ck1"], {"tta": False, "device": "cpu"}, code={"restore/model.py": "1"})
+    book = records.Records(png_dir)
+
+    def row(key, source="detected", size=(64, 64)):
+        size_, mtime = records.png_stamp(png_dir / f"{key}.png")
+        return {"key": key, "status": "todo", "input_sha": "in-" + key, "mask_sha": "", "mask_source": source,
+                "png_size": size_, "png_mtime_ns": mtime, "height": size[0], "width": size[1], "where": key}
+
+    assert book.add([row("a"), row("box/b", "user"), row("c", size=(2000, 1500))], current, mask_dilate=3,
+                    large_above=2.0, work_size=768) == 3
+    with open(png_dir / records.RECORDS_NAME, "a") as f:
+        f.write('{"key": "a", "recipe_id"')  # a crash mid-line
+    book = records.Records(png_dir)
+    assert book.torn == 1 and sorted(book.keys) == ["a", "box/b", "c"]
+
+    def why(key, recipe=current, **kw):
+        kw = {"user_mask": key == "box/b", "mask_dilate": 3, "large_above": 2.0, "work_size": 768, **kw}
+        return book.reusable(key, recipe, **kw)
+
+    assert why("a") == ({"input": "in-a", "mask": ""}, "")
+    assert why("zzz") == (None, "")  # nothing finished: no reason to give
+    assert why("a", records.recipe(["ck2"], current["options"], code=current["code"]))[1] == "checkpoint changed"
+    assert why("a", records.recipe(["ck1"], {"tta": True, "device": "cpu"}, code=current["code"]))[1] == \
+        "tta changed (False -> True)"
+    assert why("a", records.recipe(["ck1"], current["options"], code={"restore/model.py": "2"}))[1] == \
+        "code changed (restore/model.py)"
+    assert why("box/b", mask_dilate=5)[1] == "mask_dilate changed (3 -> 5)"
+    assert why("box/b", user_mask=False)[1] == "no mask given now"
+    assert why("a", user_mask=True)[1] == "mask given now"
+    assert why("c", work_size=1024)[1] == "work_size changed (768 -> 1024)"  # 3 MP: the large path
+    assert why("a", work_size=1024)[0] is not None  # a small image does not take it: the work size is moot
+    assert why("c", large_above=5.0)[1] == "large_above changed (the large-image path now off)"
+    (png_dir / "box" / "b.png").write_bytes(b"edited")
+    assert why("box/b")[1] == "PNG not the one recorded"
+    (png_dir / "d.png").write_bytes(b"made elsewhere")
+    assert why("d")[1] == "no record of how it was made"
+    book.compact()  # one line per key and the recipe they use, the torn line gone
+    lines = (png_dir / records.RECORDS_NAME).read_text().splitlines()
+    assert len(lines) == 4 and all(json.loads(line) for line in lines)
+    # comments and docstrings are not code: the identity of the pixel code ignores them
+    assert records.code_identity() == records.code_identity()
+    tree = records._strip_docstrings(__import__("ast").parse('def f():\n    """doc"""\n    return 1  # why\n'))
+    assert __import__("ast").dump(tree) == __import__("ast").dump(__import__("ast").parse("def f():\n    return 1\n"))
+
+
+def test_inputs_read_every_mode_and_plan_says_what_it_leaves_out(tmp_path):
+    from restore.inputs import load_gray, plan_images, to_luma
+
+    ramp = np.arange(0, 256, dtype=np.uint8)[None].repeat(4, 0)
+    assert np.array_equal(to_luma(Image.fromarray(ramp), "x")[0], ramp)
+    assert np.array_equal(to_luma(Image.fromarray(ramp.astype(np.int32) * 257, "I"), "x")[0], ramp)
+    bits, notes = to_luma(Image.fromarray(ramp > 127), "x")
+    assert set(np.unique(bits)) == {0, 255} and notes == ["1-bit image read as 0/255"]
+    la = Image.merge("LA", [Image.fromarray(ramp), Image.fromarray(np.full_like(ramp, 128))])
+    luma, notes = to_luma(la, "x")
+    assert np.array_equal(luma, ramp) and notes == ["alpha channel ignored"]
+    gray_rgb = Image.fromarray(np.stack([ramp] * 3, -1))
+    assert to_luma(gray_rgb, "x")[1] == []  # R == G == B: gray, nothing converted
+    with pytest.raises(inputs.UnreadableImage, match="x: 32-bit float image"):
+        to_luma(Image.fromarray(ramp.astype(np.float32)), "x")
+
+    scans = tmp_path / "scans"
+    (scans / "sub").mkdir(parents=True)
+    (scans / ".hidden").mkdir()
+    Image.fromarray(ramp).save(scans / "a.png")
+    Image.fromarray(ramp).save(scans / "sub" / "b.webp")
+    Image.fromarray(ramp).save(scans / ".hidden" / "c.png")
+    (scans / "readme.md").write_text("x")
+    flat = plan_images(scans)
+    assert flat.keys == ["a"] and flat.ignored == ["readme.md"] and flat.unsearched_dirs == 2
+    deep = plan_images(scans, recursive=True, exclude=[scans / "sub"])  # an output folder inside: never read
+    assert deep.keys == ["a"]
+    deep = plan_images(scans, recursive=True)
+    assert deep.keys == ["a", "sub/b"] and deep.unsearched_dirs == 0
+    assert load_gray(str(scans / "sub" / "b.webp"))[2] is None  # WebP may be lossy or not: the detector tries both
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    Image.fromarray(ramp).save(masks / "a.jpg")
+    Image.fromarray(ramp).save(masks / "zzz.png")
+    planned = plan_images(scans, masks_dir=masks)
+    assert planned.masked == {"a"} and planned.unused_masks == ["zzz"]
+    assert planned.items[0]["masks"] == [str(masks / "a.jpg")]
+    Image.fromarray(ramp).save(scans / "a.tif")
+    with pytest.raises(inputs.BadInput, match=r"a\.png and a\.tif have the same name 'a'"):
+        plan_images(scans)
+    with pytest.raises(inputs.BadInput, match="is the image folder"):
+        plan_images(scans, masks_dir=scans)
+
+
+def test_gallery_pages_link_each_other_and_drop_stale_pages(tmp_path):
+    from restore.gallery import write_pages, write_thumbnails
+
+    png_dir, gallery = tmp_path / "png", tmp_path / "gallery"
+    entries = []
+    for i in range(5):
+        key = f"k{i}"
+        gray = np.full((40, 30), 100, np.uint8)
+        mask = np.zeros_like(gray)
+        mask[10:20, 5:15] = 1
+        write_thumbnails(gallery, key, gray, mask, np.zeros((40, 30, 3), np.uint8))
+        (png_dir).mkdir(exist_ok=True)
+        Image.fromarray(np.zeros((40, 30, 3), np.uint8)).save(png_dir / f"{key}.png")
+        entries.append({"key": key, "height": 40, "width": 30, "mask_source": "detected", "hole_frac": 0.083,
+                        "note": f"note <{i}>"})
+    (gallery / "page_009.html").write_text("an older, longer run's page")
+    write_pages(gallery, entries, png_dir=png_dir, title="t", per_page=2)
+    assert sorted(p.name for p in gallery.glob("page_*.html")) == ["page_001.html", "page_002.html", "page_003.html"]
+    middle = (gallery / "page_002.html").read_text()
+    assert '<a rel="prev" href="page_001.html">' in middle and '<a rel="next" href="page_003.html">' in middle
+    assert "note &lt;2&gt;" in middle and "mask: detected, 8.30% of the image" in middle
+    assert 'rel="next"' not in (gallery / "page_003.html").read_text()
