@@ -30,8 +30,8 @@ from shards.reader import decode_sample, read_manifest, shard_paths
 
 IMAGES_PER_READ_TASK = 64  # --images mode: files per read task (one task per shard in --shards mode)
 TODO, DONE, BAD = "todo", "done", "bad"
-# schema.atomic_write_bytes names its temp files ".KEY.png.<random>.tmp"
-_TEMP_PNG = re.compile(r"^\..+\.png\..+\.tmp$")
+# schema.atomic_write_bytes names its temp files ".KEY.png.<random>.tmp" (and the records' ".restore_records.jsonl.*")
+_TEMP_PNG = re.compile(r"^\.(.+\.png|restore_records\.jsonl)\..+\.tmp$")
 
 _EMPTY_GRAY = np.zeros((0, 0), np.uint8)
 _EMPTY_RGB = np.zeros((0, 0, 3), np.uint8)
@@ -207,11 +207,12 @@ _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 _ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
 
 
-def open_oriented(path: str) -> tuple[Image.Image, list[str]]:
-    """The first frame of ``path``, loaded, turned upright by its EXIF orientation; with the notes that says so."""
+def open_oriented(path: str, data: bytes | None = None) -> tuple[Image.Image, list[str]]:
+    """The first frame of ``path`` (decoded from ``data``, its bytes, when the caller has read them already), loaded,
+    turned upright by its EXIF orientation; with the notes that say so."""
     notes: list[str] = []
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data) if data is not None else path) as img:
             frames = getattr(img, "n_frames", 1)
             img.load()
             orientation = img.getexif().get(0x0112, 1)
@@ -276,20 +277,21 @@ def to_luma(img: Image.Image, path: str) -> tuple[np.ndarray, list[str]]:
     return np.asarray(Image.fromarray(rgb).convert("L")), notes
 
 
-def load_gray(path: str) -> tuple[np.ndarray, list[str], bool | None]:
-    """An input file as uint8 [H,W] luma (``to_luma``, upright: ``open_oriented``), its notes, and whether its format
-    is lossy (``lossy_format``). ``UnreadableImage`` naming the file otherwise."""
-    img, notes = open_oriented(path)
+def load_gray(path: str, data: bytes | None = None) -> tuple[np.ndarray, list[str], bool | None]:
+    """An input file (or its bytes, ``data``) as uint8 [H,W] luma (``to_luma``, upright: ``open_oriented``), its
+    notes, and whether its format is lossy (``lossy_format``). ``UnreadableImage`` naming the file otherwise."""
+    img, notes = open_oriented(path, data)
     gray, more = to_luma(img, path)
     return np.ascontiguousarray(gray), notes + more, lossy_format(img)
 
 
-def load_mask(path: str, shape: tuple[int, int], image_path: str, dilate: int = 0) -> np.ndarray:
+def load_mask(path: str, shape: tuple[int, int], image_path: str, dilate: int = 0, data: bytes | None = None,
+              ) -> np.ndarray:
     """A user mask as bool [H,W]: white = damaged (the LaMa / IOPaint convention): luma above 127 (16-bit masks
     scaled first), and where the mask has alpha, only where it is opaque too (alpha above 127). Turned upright by its
     EXIF orientation as the image is. ``dilate``: grow it by that many pixels (a disk), so the edge of a scratch
     does not stay as a seam. ``UnreadableImage`` for an unreadable mask or one whose size differs from its image's."""
-    img, _ = open_oriented(path)
+    img, _ = open_oriented(path, data)
     if (img.height, img.width) != tuple(shape):
         raise UnreadableImage(f"mask {path} is {img.width}x{img.height} but its image {image_path} is "
                               f"{shape[1]}x{shape[0]}: a mask must have its image's size")
@@ -443,9 +445,10 @@ def _read_images(item: dict, *, load_done: bool) -> Iterator[dict]:
                 yield _row(key, path, BAD, error=f"{path}: cannot read as an image ({type(exc).__name__}: {exc})")
             continue
         try:
-            gray, notes, lossy = load_gray(path)
+            gray, notes, lossy = load_gray(path, data)  # the bytes hashed above: the file is read once
+            del data
             if mask_path:
-                mask = load_mask(mask_path, gray.shape, path, dilate)
+                mask = load_mask(mask_path, gray.shape, path, dilate, mask_data)
                 source = "user"
                 notes.append(f"user mask {mask.mean():.1%} of the image" + (f" (grown {dilate} px)" if dilate else "")
                              if mask.any() else "user mask is empty: colorized only")
