@@ -87,7 +87,7 @@ figure { margin: 0; padding: 8px; background: #fff; border: 1px solid #ccc; }
 .pair { display: flex; gap: 6px; align-items: flex-start; }
 .pair div { flex: 1; text-align: center; font-size: 0.8em; color: #666; }
 .pair img { width: 100%; max-width: 320px; height: auto; display: block; margin: 0 auto; }
-figcaption { font-size: 0.85em; margin-top: 4px; word-break: break-all; }
+figcaption { font-size: 0.85em; margin-top: 4px; overflow-wrap: anywhere; }
 .key { font-weight: bold; }
 .note { color: #555; }
 table { border-collapse: collapse; background: #fff; }
