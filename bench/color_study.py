@@ -190,6 +190,7 @@ def colorize(model, gray_u8: np.ndarray, work_size: int) -> np.ndarray:
     from restore.composite import composite_luma
     from restore.model import compose_chroma, rgb_to_chroma
 
+    gray_u8 = np.array(gray_u8)  # a writable copy: to_gray gives a read-only array
     g = torch.from_numpy(gray_u8).float()[None, None] / 255
     with torch.no_grad():
         if work_size and work_size < max(g.shape[-2:]):
