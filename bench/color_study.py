@@ -142,8 +142,8 @@ def train(formulation: str, photos: list[np.ndarray], args) -> object:
     from restore.model import rgb_to_chroma
     from shards.damage import to_gray
 
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
     decoder = tuple(int(c) for c in args.decoder_channels.split(","))
     model = build(formulation, args.encoder, decoder)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-2)
@@ -222,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--crop", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0, help="initial weights and training windows")
     ap.add_argument("--encoder", default="tu-mobilenetv3_small_050")
     ap.add_argument("--decoder-channels", default="64,32,16,16,8")
     ap.add_argument("--work-size", type=int, default=0, help="colorize at this size, chroma upsampled (0: full)")
@@ -273,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{'hist':>7s}")
     for name, s in results.items():
         print(f"{name:34s} {s['score']:7.4f} {s['ssim']:7.4f} {s['masked_ssim']:7.4f} {s['hist_sim']:7.4f}")
-    result = {"steps": args.steps, "photos": len(train_photos), "work_size": args.work_size, "scores": results}
+    result = {"steps": args.steps, "seed": args.seed, "photos": len(train_photos), "work_size": args.work_size, "scores": results}
     (work / "color_study.json").write_text(json.dumps(result, indent=2) + "\n")
     emit(result, args.json)
     return 0
