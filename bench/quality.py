@@ -116,13 +116,13 @@ def write_held_crops(photos: list[Path], out_dir: Path, size: int) -> int:
 
 # ------------------------------------------------------------------------------------------------------ training
 def train_recipe(name: str, recipe: str, overrides: list[str], work: Path, *, cache: Path | None, tiny: bool,
-                 extra_dirs: list[Path]) -> dict:
+                 extra_dirs: list[Path], reuse: bool = False) -> dict:
     """Train one recipe with the real job: the demo's data and CPU recipe, plus the recipe's photos, steps and
-    ``overrides``. Returns the run dir and the wall time."""
+    ``overrides``. Returns the run dir and the wall time. With ``reuse``, a finished run of the same command (its
+    ``WORK/NAME/trained.json`` and ``run/done.json``) is scored again instead of retrained."""
     from launch.demo import CPU_RECIPE, CPU_STEPS, validation_interval, write_demo_shards
 
     out = work / name
-    shutil.rmtree(out, ignore_errors=True)
     extra = list(extra_dirs) if recipe == "quality" else []
     steps, crops, nproc = (QUALITY_STEPS if recipe == "quality" else CPU_STEPS), 8, 2
     job = list(CPU_RECIPE)
@@ -132,21 +132,30 @@ def train_recipe(name: str, recipe: str, overrides: list[str], work: Path, *, ca
         job += ["crop_size=64", "decoder_channels=16,8,8,8,8", "encoder=tu-test_efficientnet", "num_workers=0"]
     else:
         job.append("encoder=tu-mobilenetv3_small_050")
-    t0 = time.time()
-    shards = write_demo_shards(out, crops, seed=0, extra_photos=extra)
-    run_dir = out / "run"
+    shards, run_dir = out / "shards", out / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m",
            "job.train", "--shards", str(shards), "--out", str(run_dir), f"max_steps={steps}",
            f"val_every={validation_interval(steps)}", "seed=0", "resume=never", *job, *overrides]
+    info = {"name": name, "recipe": recipe, "overrides": overrides, "steps": steps, "run": str(run_dir),
+            "photos": "bundled" + (" + " + ", ".join(map(str, extra)) if extra else ""), "command": cmd[1:]}
+    record = out / "trained.json"
+    if reuse and (run_dir / "done.json").exists() and record.exists():
+        done = json.loads(record.read_text())
+        if done.get("command") == info["command"]:
+            print(f"quality: reusing {name}: {run_dir} finished the same command", flush=True)
+            return done
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.time()
+    write_demo_shards(out, crops, seed=0, extra_photos=extra)
     print(f"quality: training {name} ({recipe}, {steps} steps)\n$ {' '.join(cmd)}", flush=True)
     with open(out / "train.log", "w") as log:
         code = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                               env=dict(os.environ, OMP_NUM_THREADS="1")).returncode
     if code != 0:
         raise SystemExit(f"quality: training {name} failed (exit {code}); log: {out / 'train.log'}")
-    return {"name": name, "recipe": recipe, "overrides": overrides, "steps": steps, "run": str(run_dir),
-            "train_s": round(time.time() - t0, 1), "photos": "bundled" + (" + " + ", ".join(map(str, extra))
-                                                                          if extra else "")}
+    info["train_s"] = round(time.time() - t0, 1)
+    record.write_text(json.dumps(info, indent=2) + "\n")
+    return info
 
 
 # ------------------------------------------------------------------------------------------------------ scoring
@@ -212,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=Path("bench_quality"), help="shards, runs and results go here")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke: tiny model, 2 steps, 64 px, the demo recipe")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--reuse", action="store_true",
+                    help="score a run that already finished the same command in WORK again instead of retraining")
     args = ap.parse_args(argv)
 
     work = args.work.resolve()
@@ -241,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     extra = list(args.extra_photos)
     if any(r == "quality" for _, r, _ in plans) and not extra and not args.tiny:
         extra = [p.parent for p in fetch_packages(TRAIN_PACKAGES, args.cache)[:1]]
-    models = [train_recipe(name, recipe, over, work, cache=args.cache, tiny=args.tiny, extra_dirs=extra)
+    models = [train_recipe(name, recipe, over, work, cache=args.cache, tiny=args.tiny, extra_dirs=extra,
+                           reuse=args.reuse)
               for name, recipe, over in plans]
     scores = score_all(held_shards / "train", models, work / "quality_grid.png")
     print_table(scores, models)

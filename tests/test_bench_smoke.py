@@ -245,6 +245,15 @@ def test_quality_tiny_scores_each_model_beside_the_three_baselines(tmp_path):
     cfg = json.loads((tmp_path / "work" / "noprefill" / "run" / "config.json").read_text())
     assert cfg["model"]["prefill"] == "none"
     assert "gray copy" in res.stdout and (tmp_path / "work" / "quality_grid.png").is_file()
+    # --reuse scores a finished run of the same command again; a changed command retrains
+    weights = tmp_path / "work" / "demo" / "run" / "checkpoints" / "best.pt"
+    stamp = weights.stat().st_mtime_ns
+    again = bench("quality.py", "--tiny", "--held-dir", held, "--work", tmp_path / "work", "--recipes", "",
+                  "--variant", "demo=demo:", "--variant", "noprefill=demo:prefill=harmonic", "--reuse")
+    assert "reusing demo:" in again.stdout and "training noprefill" in again.stdout
+    assert weights.stat().st_mtime_ns == stamp
+    redo = json.loads(again.stdout.strip().splitlines()[-1])
+    assert redo["scores"]["demo"] == out["scores"]["demo"]
 
 
 def test_color_study_tiny_trains_every_formulation_and_scores_it_beside_gray(tmp_path):
