@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -113,13 +114,19 @@ def resolve_resume(resume: str, run_dir: str | os.PathLike) -> Path | None:
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """A training checkpoint read with ``weights_only=True``; ``CheckpointError`` naming the file otherwise."""
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
+    """A training checkpoint read with ``weights_only=True``; ``CheckpointError`` naming the file otherwise.
+    ``mmap=True`` maps the tensors instead of reading them (a cheap check of a large file)."""
     path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if not zipfile.is_zipfile(path):  # torch.save writes zip archives; pickle's error on other files says nothing
+        raise CheckpointError(f"{path}: cannot read checkpoint: not a file written by torch.save")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # unpickling raises many types
-        raise CheckpointError(f"{path}: cannot read checkpoint ({exc})") from exc
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as exc:  # unpickling raises many types; the first line says why
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: cannot read checkpoint ({reason})") from exc
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         got = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path}: format {got!r}, expected {CHECKPOINT_FORMAT!r}")
