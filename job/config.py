@@ -47,6 +47,7 @@ class DataConfig:
     exclude_outliers: bool = True  # drop the manifest's `outliers` from training and validation
     val_batch_size: int = 4
     val_max_samples: int = 0  # 0: the whole validation split
+    val_images: int = 4  # samples drawn at each validation (RUN/val/step_N.png, TensorBoard val/pictures); 0: none
 
 
 @dataclass
@@ -247,6 +248,7 @@ def validate(cfg: Config) -> None:
     need(d.num_folds >= 2, f"num_folds={d.num_folds}: must be >= 2")
     need(0 <= d.fold < d.num_folds, f"fold={d.fold}: must be in 0..num_folds-1 ({d.num_folds - 1})")
     need(d.val_max_samples >= 0, f"val_max_samples={d.val_max_samples}: must be >= 0")
+    need(d.val_images >= 0, f"val_images={d.val_images}: must be >= 0 (0 = no pictures)")
     need(bool(m.encoder), "encoder: must not be empty")
     need(len(m.decoder_channels) >= 1 and all(c > 0 for c in m.decoder_channels),
          f"decoder_channels={m.decoder_channels}: must be positive integers")

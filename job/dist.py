@@ -174,6 +174,15 @@ def all_gather_objects(obj):
     return out
 
 
+def gather_objects(obj, dst: int = 0) -> list | None:
+    """Every rank's ``obj`` (picklable) on rank ``dst``, in rank order (None on the other ranks)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+    dist.gather_object(obj, out, dst=dst, group=_control_group)
+    return out
+
+
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     """Overwrite every buffer (BatchNorm running statistics) with rank ``src``'s, in place.
 

@@ -13,17 +13,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from job import checkpoint as ckpt
 from job import dist
-from job.config import Config
-from job.data_plan import DataPlan, InputError
+from job.config import Config, ConfigError
+from job.data_plan import DataPlan, InputError, schedule_steps, train_loader, val_loader
 from job.run_log import DONE, PREEMPTED, RunLog
 from job.step import (AUTOCAST_DTYPE, EMA, NO_FORWARD_BUFFER_SYNC, DiscLoss, StageLoss, batch_to_device,
                       compile_cache_dir, lr_lambda_for, phase_at, phases, resolve_compile, stage_params)
-from job.validation import validate
+from job.validation import picture_grid, validate
 from restore.compile_cache import CompileCache, counts as compile_counts
 from restore.losses import Stage1Loss, Stage2Loss
 from restore.model import CHECKPOINT_FORMAT, ModelSpec, build_model
 from restore.score import summarize_sums
-from shards import pipeline
 from shards.schema import atomic_write_json
 
 EXIT_OK, EXIT_PREEMPTED = 0, 75
@@ -36,18 +35,41 @@ def memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
+def extend_schedule(plan: list[tuple[str, int, int]], total_steps: int) -> list[tuple[str, int, int]]:
+    """The phases of a run whose total changed: a longer run appends a phase of the last kind from the old end to
+    the new one (its own warmup and cosine, like every phase); a shorter one is cut at the new end."""
+    end = plan[-1][2]
+    if total_steps > end:
+        return [*plan, (plan[-1][0], end, total_steps)]
+    if total_steps < end:
+        return [(name, start, min(stop, total_steps)) for name, start, stop in plan if start < total_steps]
+    return list(plan)
+
+
+def saved_schedule(state: dict) -> list[tuple[str, int, int]]:
+    """The phases a checkpoint was trained under (its ``schedule``; older checkpoints: from their config)."""
+    if state.get("schedule"):
+        return [(str(n), int(a), int(b)) for n, a, b in state["schedule"]]
+    try:
+        saved = Config.from_dict(state["config"])
+    except (ConfigError, KeyError, TypeError):
+        raise InputError("the checkpoint holds neither its schedule nor a readable config") from None
+    per_epoch = int(state["data_pos"]["steps_per_epoch"])
+    return phases(saved, saved.run.max_steps or saved.run.epochs * per_epoch)
+
+
 class Trainer:
     def __init__(self, cfg: Config, spec: ModelSpec, plan: DataPlan, run_dir: Path, env: dist.DistEnv,
-                 device: torch.device, precision: str, resume_from: Path | None) -> None:
+                 device: torch.device, precision: str, resume_from: Path | None,
+                 resume_state: dict | None = None) -> None:
+        """``resume_from``: the checkpoint to continue from (``resume_state``: its contents when already read)."""
         self.cfg, self.spec, self.plan, self.run_dir, self.env, self.device = cfg, spec, plan, run_dir, env, device
         self.precision = precision
         self.autocast_dtype = AUTOCAST_DTYPE[precision]
         self.channels_last = cfg.run.channels_last
-        r, d = cfg.run, cfg.data
+        r = cfg.run
         self.world = env.world_size
-        self.steps_per_epoch = d.steps_per_epoch or pipeline.default_steps_per_epoch(plan.num_train, d.batch_size,
-                                                                                      self.world)
-        self.total_steps = r.max_steps or r.epochs * self.steps_per_epoch
+        self.steps_per_epoch, self.total_steps = schedule_steps(cfg, plan.num_train, self.world)
         self.compile = resolve_compile(r.compile, device, self.total_steps, r.compile_min_steps)
         self.phase_plan = phases(cfg, self.total_steps)
 
@@ -92,13 +114,15 @@ class Trainer:
         self.compile_cache = CompileCache.for_device(cache_dir, device) if self.compile and cache_dir else None
         torch.manual_seed(r.seed * 1000 + env.rank)  # per-rank stream for anything random in the step
 
-        resume_step = None
+        resume_step, extended = None, None
         if resume_from is not None:
-            self.load(resume_from)
+            extended = self.load(resume_from, resume_state)
             resume_step = self.step
         self.log = RunLog(run_dir, env.is_main, resume_step)
         if resume_from is not None:
             self.log.print(f"resumed from {resume_from} at step {self.step}")
+        if extended:
+            self.log.print(extended)
 
     # -- state ------------------------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -117,6 +141,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "step": self.step,
             "epoch": epoch,
+            "schedule": [list(p) for p in self.phase_plan],  # phases and LR segments, kept when a run is extended
             "rng": {"world_size": self.world, "ranks": rngs},
             "data_pos": {"epoch": epoch, "batch_in_epoch": offset, "steps_per_epoch": self.steps_per_epoch,
                          "world_size": self.world, "num_workers": self.cfg.data.num_workers,
@@ -126,8 +151,10 @@ class Trainer:
                         "last_val": self.last_val},
         }
 
-    def load(self, path: Path) -> None:
-        state = ckpt.load_checkpoint(path, map_location="cpu")
+    def load(self, path: Path, state: dict | None = None) -> str | None:
+        """Continue from checkpoint ``path`` (``state``: its contents when already read); a line to log when the
+        run is extended beyond the total it was planned for."""
+        state = ckpt.load_checkpoint(path, map_location="cpu") if state is None else state
         if state["model_spec"] != self.spec.to_dict():
             raise InputError(f"{path}: model_spec {state['model_spec']} differs from this config's "
                              f"{self.spec.to_dict()}")
@@ -142,12 +169,24 @@ class Trainer:
             elif self.env.is_main:
                 print(f"warning: {path} has no discriminator: it starts from scratch", file=sys.stderr, flush=True)
         self.scheduler.load_state_dict(state["scheduler"])
+        saved = saved_schedule(state)
+        self.phase_plan = extend_schedule(saved, self.total_steps)
+        # The schedule is a function (not in the scheduler's state): the next step follows the phases above.
+        self.scheduler.lr_lambdas = [lr_lambda_for(self.phase_plan, self.cfg.optim.warmup_steps,
+                                                   self.cfg.optim.min_lr_ratio)] * len(self.optimizer.param_groups)
         if state.get("scaler"):  # empty when the saving run had no scaler (not fp16)
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         m = state.get("metrics") or {}
         self.best, self.best_step = float(m.get("best_score", -math.inf)), int(m.get("best_step", -1))
         self.bad_vals, self.last_val = int(m.get("bad_validations", 0)), dict(m.get("last_val") or {})
+        extended = None
+        if self.total_steps > saved[-1][2]:
+            self.bad_vals = 0  # patience counts again from the extension on
+            extended = (f"extended from {saved[-1][2]} to {self.total_steps} steps: steps {saved[-1][2]}.."
+                        f"{self.total_steps} are a new {saved[-1][0]} phase with its own warmup and cosine "
+                        f"(lr {self.scheduler.base_lrs[0]:g} down to "
+                        f"{self.scheduler.base_lrs[0] * self.cfg.optim.min_lr_ratio:g})")
         pos = state["data_pos"]
         same = (pos.get("world_size"), pos.get("num_workers"), pos.get("batch_size"), pos.get("seed"),
                 pos.get("steps_per_epoch")) == (self.world, self.cfg.data.num_workers, self.cfg.data.batch_size,
@@ -160,6 +199,7 @@ class Trainer:
                   f"{pos.get('world_size')}/{pos.get('num_workers')}/{pos.get('batch_size')}/{pos.get('seed')}/"
                   f"{pos.get('steps_per_epoch')}; continuing from step {self.step} with a different data order",
                   file=sys.stderr, flush=True)
+        return extended
 
     def save(self, best: bool = False) -> None:
         state = self.state()  # collective (RNG gather): every rank calls it
@@ -197,27 +237,25 @@ class Trainer:
 
     # -- loops ------------------------------------------------------------------------------------------------
     def train_loader(self, epoch: int, start: int, steps: int):
-        d = self.cfg.data
-        augment = pipeline.Augment(crop_size=d.crop_size, remask_prob=d.remask_prob,
-                                   hole_range=(d.hole_min, d.hole_max), fill_range=(d.fill_min, d.fill_max),
-                                   hflip=d.hflip, zoom_max=d.zoom_max)
-        ds = pipeline.TrainBatches(self.plan.train_urls, augment=augment, batch_size=d.batch_size,
-                                   seed=self.cfg.run.seed, epoch=epoch, rank=self.env.rank, start=start, steps=steps,
-                                   keep=self.plan.train_keep, shuffle_buffer=d.shuffle_buffer)
-        return pipeline.train_loader(ds, d.num_workers, pin_memory=self.device.type == "cuda")
+        return train_loader(self.plan, self.cfg, epoch=epoch, rank=self.env.rank, start=start, steps=steps,
+                            pin_memory=self.device.type == "cuda")
 
     def run_validation(self) -> dict:
-        d = self.cfg.data
-        ds = pipeline.ValSamples(self.plan.val_urls, rank=self.env.rank, world=self.world,
-                                 batch_size=d.val_batch_size, keep=self.plan.val_keep)
-        loader = pipeline.val_loader(ds, self.plan.val_workers, pin_memory=self.device.type == "cuda")
+        """The world's score of the current weights (EMA when on): each rank scores its own samples, one
+        all-reduce sums them; the world's first ``val_images`` samples are drawn, gathered on rank 0 from the ranks
+        that hold them (``summary["pictures"]``, rank 0 only)."""
+        loader = val_loader(self.plan, self.cfg, pin_memory=self.device.type == "cuda")
         model = self.ema.module if self.ema is not None else self.model
         dist.broadcast_buffers(model)
         t0 = time.perf_counter()
-        sums = validate(model, loader, self.device, self.autocast_dtype, self.channels_last)
-        total = dist.all_reduce_sum(sums, self.device)  # the one collective of a validation
+        sums, pictures = validate(model, loader, self.device, self.autocast_dtype, self.channels_last,
+                                  self.plan.picture_keys)
+        total = dist.all_reduce_sum(sums, self.device)  # the validation's score: one all-reduce
         summary = summarize_sums(total)
         summary["seconds"] = time.perf_counter() - t0
+        if self.cfg.data.val_images:  # every rank knows the setting, so every rank joins (host side, gloo)
+            gathered = dist.gather_objects(pictures)
+            summary["pictures"] = [row for rows in gathered for row in rows] if gathered is not None else []
         return summary
 
     def on_signal(self, signum: int, frame) -> None:
@@ -227,6 +265,7 @@ class Trainer:
         r = self.cfg.run
         if self.env.is_main:
             (self.run_dir / PREEMPTED).unlink(missing_ok=True)
+            (self.run_dir / DONE).unlink(missing_ok=True)  # an extended run is not done until it ends again
         for sig in PREEMPT_SIGNALS:
             signal.signal(sig, self.on_signal)
         self.log.print(f"training {self.total_steps} steps ({self.steps_per_epoch}/epoch, {self.world} rank(s) x "
@@ -347,6 +386,9 @@ class Trainer:
     def after_validation(self, summary: dict) -> tuple[bool, str | None]:
         """Best/early-stop bookkeeping (identical on every rank: the summary is all-reduced)."""
         self.last_val = {k: summary[k] for k in ("score", "ssim", "masked_ssim", "hist_sim", "n", "n_degenerate")}
+        pictures = summary.pop("pictures", None)
+        if pictures:
+            self.log.picture(self.step, picture_grid(pictures))
         best = summary["score"] > self.best
         if best:
             self.best, self.best_step, self.bad_vals = summary["score"], self.step, 0

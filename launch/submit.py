@@ -13,8 +13,10 @@ job writes a checkpoint and stops; then submitit requeues a fresh copy of the ca
 is sourced at the start of the job (modules, venv, network interfaces); ``SBATCH_PARTITION``/``SBATCH_ACCOUNT``
 exported before submission are sbatch's own defaults. docs/slurm.md has the whole story.
 
-Exit status: 0 submitted (or, with ``--wait``, finished), 2 bad arguments or a refused submission, otherwise the
-job's exit code (``--wait``).
+Exit status: 0 submitted (or, with ``--wait``, finished; or the run is already finished and nothing was submitted),
+2 bad arguments or a refused submission (one line, ``submit: error: ...``; nothing submitted or written), otherwise
+the job's exit code (``--wait``: 2 the job refused its input on its nodes, 75 stopped after a checkpoint and not
+requeued, 1 a crash; the tail of task 0's log is printed).
 """
 from __future__ import annotations
 
@@ -148,19 +150,22 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str], argpar
 
 
 # ----------------------------------------------------------------------------------------------- the checks
-def check_job_input(opts: argparse.Namespace, job_args: argparse.Namespace, world: int) -> None:
-    """What the job would refuse at start, refused now: bad overrides, a missing/unusable shards dir."""
+def check_job_input(opts: argparse.Namespace, job_args: argparse.Namespace, world: int):
+    """What the job would refuse at start, refused now (``job.train.check``, as ``job.plan`` does): bad overrides, a
+    missing or unusable shards dir, a run dir or resume target the job cannot use. Any number of tasks works with
+    any number of shards. The settings are not checked against devices: the nodes' GPUs are not this host's (the
+    job checks ``precision`` on its nodes at start, exit 2). Returns the job's ``Launch``."""
     from job import config, train
 
     try:
-        cfg = config.parse_overrides(job_args.overrides)
+        config.parse_overrides(job_args.overrides)
     except config.ConfigError as exc:
         raise SubmitError(str(exc)) from None
     if not job_args.shards.is_dir():
         raise SubmitError(f"shards dir {job_args.shards} does not exist")
     try:
-        train.plan_data(job_args.shards, cfg, 0, world)
-    except train.InputError as exc:
+        return train.check(job_args.shards, job_args.out, job_args.overrides, world, load_state=False)
+    except train.LaunchError as exc:
         raise SubmitError(f"{exc} (for {world} task(s))") from None
 
 
@@ -273,7 +278,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     partition = opts.partition or os.environ.get("SBATCH_PARTITION")
     try:
-        check_job_input(opts, job_args, opts.nodes * tasks_per_node)
+        launch = check_job_input(opts, job_args, opts.nodes * tasks_per_node)
+        if not launch.trains:  # finished, and this command plans no more steps: nothing to submit
+            print(launch.note, flush=True)
+            return 0
         if not opts.local:
             check_partition(partition)
         # The job unpickles launch.submit.TrainTask: the repository must be importable there (env is exported).

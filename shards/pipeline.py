@@ -13,9 +13,12 @@ Augmentation: horizontal flip, random crop to ``crop_size`` (optionally zoomed o
 larger, shrunk to ``crop_size``), and re-masking: with ``remask_prob`` the stored hole is replaced by a fresh one from
 ``shards.damage`` drawn on the ground truth's gray, so every epoch sees new holes.
 
-Validation. The fixed shards are split by node then by worker (``islice``), so each sample is read exactly once
-across all ranks and workers; the stored inputs and masks are used as they are. ``check_val_shards`` refuses (with a
-clear error) a split with fewer shards than ranks, and caps the workers at the shards each rank gets.
+Validation. Samples, not shards, are split over ranks: ``val_share`` gives each rank a contiguous block of the
+validation keys in manifest order (the first ranks one more when the split is uneven, so rank 0 always holds the first
+samples), for any number of ranks and shards; a rank with no sample still joins every collective. Each rank reads only
+the shards that hold its keys and keeps only its keys (``KeyFilter``); its loader workers split those shards among
+themselves, so each sample is read exactly once across all ranks and workers. The stored inputs and masks are used as
+they are.
 """
 from __future__ import annotations
 
@@ -198,24 +201,23 @@ def default_steps_per_epoch(num_train_samples: int, batch_size: int, world: int)
 
 
 # -------------------------------------------------------------------------------------------------------- validation
-def check_val_shards(urls: Sequence[str], world: int, num_workers: int) -> int:
-    """Raise ``ShardPlanError`` when some rank would get no validation shard; return the loader workers to use
-    (at most the shards of the rank with the fewest, so no worker idles and none is asked for a share it lacks)."""
-    if len(urls) < world:
-        raise ShardPlanError(
-            f"{len(urls)} validation shard(s) for {world} ranks: every rank needs at least one "
-            f"(repack with smaller shards, e.g. shards.pack --shard-size, or use fewer ranks)")
-    per_rank = len(urls) // world
-    return max(0, min(num_workers, per_rank))
+def val_share(num_samples: int, rank: int, world: int) -> range:
+    """Rank ``rank``'s positions among ``num_samples`` validation samples: contiguous blocks, the first
+    ``num_samples % world`` ranks one more (empty for the last ranks when there are fewer samples than ranks)."""
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"rank {rank} of world size {world}")
+    base, extra = divmod(num_samples, world)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))
 
 
 class ValSamples(IterableDataset):
-    """This rank's share of the fixed validation shards, decoded as stored, batched by equal image size."""
+    """This rank's validation samples: the shards ``urls`` (those holding its keys), the samples ``keep`` passes,
+    decoded as stored, batched by equal image size. Loader workers take every ``workers``-th shard."""
 
-    def __init__(self, urls: Sequence[str], *, rank: int, world: int, batch_size: int,
-                 keep: KeyFilter = KeyFilter()) -> None:
+    def __init__(self, urls: Sequence[str], *, batch_size: int, keep: KeyFilter = KeyFilter()) -> None:
         super().__init__()
-        self.urls = list(urls)[rank::world]
+        self.urls = list(urls)
         self.batch_size, self.keep = batch_size, keep
 
     def __iter__(self) -> Iterator[dict]:

@@ -1,11 +1,14 @@
 #!/bin/bash
-# Train `restore` on SLURM: one srun task per node, each a torchrun that starts one training process per GPU
-# (or NPROC_PER_NODE CPU processes with gloo when the allocation has no GPU); rendezvous c10d on the first node.
+# Train `restore` on SLURM: one srun task per node, each a torchrun (`python -m job.torchrun`) that starts one
+# training process per GPU (on CPU nodes: NPROC_PER_NODE, else --ntasks-per-node processes with gloo); rendezvous
+# c10d on the first node. Any number of ranks works with any number of shards.
 #
-#   sbatch [--nodes=N] [--gpus-per-node=G] [--partition=P] [--time=HH:MM:SS] [--output=LOG] \
-#          slurm/train.sh --shards SHARDS_DIR --out RUN_DIR [key=value ...]
+#   sbatch [--nodes=N] [--gpus-per-node=G] [--ntasks-per-node=T] [--partition=P] [--time=HH:MM:SS] \
+#          [--output=LOG] slurm/train.sh --shards SHARDS_DIR --out RUN_DIR [key=value ...]
 #
 # Everything after the script goes to `python -m job.train` unchanged, so every training option works here.
+# Before any srun, `python -m job.plan` checks the command on the first node (settings, shards, run dir, resume
+# target, precision on this node's devices) and logs how the samples are shared over the ranks.
 # `resume=auto` is added unless given (and always on a requeued run that has a checkpoint): a requeued or
 # resubmitted job continues from RUN_DIR/checkpoints/latest; a fresh RUN_DIR starts at step 0.
 #
@@ -19,8 +22,9 @@
 # itself (scontrol requeue, preemption, scancel) sends SIGTERM to the step: the job checkpoints in KillWait; a requeue
 # from SLURM brings it back the same way.
 # Exit status: 0 finished (RUN_DIR/done.json); 75 stopped by USR1 and requeued, or stopped by SLURM's SIGTERM
-# after a checkpoint (RUN_DIR/preempted.json); 2 bad arguments (e.g. no shards dir), checked before srun;
-# otherwise torchrun's failure (torchrun exits 1 for any failed worker; each rank's exit code is in the log).
+# after a checkpoint (RUN_DIR/preempted.json); 2 bad arguments or settings, refused before srun with one line
+# (`train.sh[JOB]: error: ...` or `job.plan: error: ...`), nothing written; otherwise the first failed rank's own
+# exit code (1 for a Python exception; its traceback and one `job.torchrun: error:` line naming it are in the log).
 #
 # Site settings live in slurm/site.env beside this script (copy site.env.example; absent is fine), or in the file
 # named by RESTORE_SITE_ENV: modules, venv, python, NCCL/GLOO interfaces, CPU processes per node. The SBATCH_*
@@ -99,21 +103,37 @@ elif ((!have_resume)); then
     set -- "$@" resume=auto
 fi
 
-# Counts come from the allocation. srun no longer inherits --cpus-per-task from sbatch (Slurm >= 22.05).
-export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}
+# Counts come from the allocation. srun no longer inherits --cpus-per-task from sbatch (Slurm >= 22.05); the one
+# srun task of a node gets the CPUs of all the node's tasks (--ntasks-per-node x --cpus-per-task).
 export NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
+tasks_per_node=${SLURM_NTASKS_PER_NODE:-1}
+tasks_per_node=${tasks_per_node%%(*}   # "2(x3)" -> 2
+[[ $tasks_per_node =~ ^[1-9][0-9]*$ ]] || tasks_per_node=1
+export RESTORE_TASKS_PER_NODE=$tasks_per_node
+export SRUN_CPUS_PER_TASK=$(( ${SLURM_CPUS_PER_TASK:-1} * tasks_per_node ))
 MASTER_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
 # A port per job id (stable across requeues of the same job, distinct for jobs sharing a node).
 export RDZV_ENDPOINT=$MASTER_HOST:$((29500 + SLURM_JOB_ID % 20000))
 
-# Runs once per node (srun task): processes = the node's GPUs, else NPROC_PER_NODE CPU processes (gloo).
+# Processes per node: NPROC_PER_NODE, else the node's GPUs, else --ntasks-per-node CPU processes (gloo).
 # No nvidia-smi count: on nodes without device cgroups it shows GPUs that belong to other jobs.
-read -r -d '' NODE_LAUNCH <<'EOF'
+read -r -d '' NPROC_RULE <<'EOF'
 if [[ -n ${NPROC_PER_NODE:-} ]]; then nproc=$NPROC_PER_NODE
 elif [[ ${SLURM_GPUS_ON_NODE:-0} =~ ^[1-9] ]]; then nproc=$SLURM_GPUS_ON_NODE
 elif [[ -n ${CUDA_VISIBLE_DEVICES:-} && $CUDA_VISIBLE_DEVICES != NoDevFiles ]]; then
     IFS=, read -ra gpus <<<"$CUDA_VISIBLE_DEVICES"; nproc=${#gpus[@]}
-else nproc=1; fi
+else nproc=${RESTORE_TASKS_PER_NODE:-1}; fi
+EOF
+
+# The whole command checked once, here on the first node, before any srun: a bad setting is one line and exit 2.
+eval "$NPROC_RULE"
+if ! "$PYTHON" -m job.plan --check-device --quiet --world-size $((NNODES * nproc)) "$@"; then
+    log "error: the job refused its command (the line above); nothing was started or written"
+    exit 2
+fi
+
+# Runs once per node (srun task).
+read -r -d '' NODE_LAUNCH <<'EOF'
 if [[ ${SLURM_NODEID:-0} == 0 ]]; then is_host=true; else is_host=false; fi
 # The task's CPUs shared by its processes (torchrun sets 1 only for nproc > 1; more threads than CPUs thrash).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ${SLURM_CPUS_PER_TASK:-1} / nproc > 0 ? ${SLURM_CPUS_PER_TASK:-1} / nproc : 1 ))}
@@ -121,10 +141,12 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ${SLURM_CPUS_PER_TASK:-1} / nproc 
 # its workers until the job installs its own handler (the batch shell repeats the notice until the step ends).
 trap '' USR1
 echo "node ${SLURMD_NODENAME:-?} (${SLURM_NODEID:-0}/$NNODES): torchrun nproc-per-node=$nproc threads=$OMP_NUM_THREADS rdzv=$RDZV_ENDPOINT" >&2
-exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc-per-node="$nproc" \
+# job.torchrun: torchrun's agent with the job's exit codes (2 bad input, 75 preempted, else the failed rank's).
+exec "$PYTHON" -m job.torchrun --nnodes="$NNODES" --nproc-per-node="$nproc" \
     --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="$SLURM_JOB_ID" \
-    --rdzv-conf="is_host=$is_host" --max-restarts=0 -m job.train "$@"
+    --rdzv-conf="is_host=$is_host" --max-restarts=0 -- "$@"
 EOF
+NODE_LAUNCH=$NPROC_RULE$'\n'$NODE_LAUNCH
 
 stop_requested=0 resender=''
 on_usr1() {
@@ -151,7 +173,7 @@ rc=$?
 [[ -n $resender ]] && kill "$resender" 2>/dev/null
 
 fresh() { [[ -f $1 && $(stat -c %Y "$1") -ge $started ]]; }
-# torchrun exits 1 for any worker failure: the run dir tells how the job ended (done.json / preempted.json).
+# The run dir tells how the job ended (done.json / preempted.json), whatever srun reports for the nodes.
 if ((rc == 0)) || fresh "$out/done.json"; then
     log "finished: $out/done.json"
     exit 0
@@ -165,5 +187,9 @@ if fresh "$out/preempted.json"; then
     log "stopped by SLURM after a checkpoint ($out/preempted.json); a requeue resumes from it"
     exit 75
 fi
-log "training failed: srun exit $rc (each rank's exit code is above)"
+if ((rc == 2)); then
+    log "error: the job refused its input on a node (the line above); nothing was trained"
+    exit 2
+fi
+log "training failed: srun exit $rc (the failed rank and its exit code are above)"
 exit "$rc"

@@ -115,6 +115,16 @@ def tiny_shards(photo_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def one_shard_shards(photo_dir, tmp_path_factory) -> Path:
+    """``photo_dir`` packed at 64x64 with the default shard size: ONE shard per split, ``train/`` (9) and ``val/``
+    (3), fewer shards (and validation samples) than the ranks of the multi-rank tests."""
+    out = tmp_path_factory.mktemp("one_shard") / "shards"
+    run_cli(["shards.pack", "photos", photo_dir, out, "--size", TINY_SIZE, "--seed", 0, "--val-fraction", 0.25],
+            check=True)
+    return out
+
+
 def make_dacon_root(root: Path, n_train: int = 6, n_test: int = 4, size: int = TINY_SIZE, seed: int = 1) -> dict:
     """Write a DACON-layout folder (train_input/, train_gt/, train.csv, test_input/, test.csv) with real damage.
 

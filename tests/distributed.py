@@ -6,7 +6,8 @@ test with that rank's traceback, and a rank that hangs fails it after ``timeout`
 level function (it is pickled by name).
 
 ``torchrun(args, nproc=2)`` / ``start_torchrun(...)`` run ``python -m torch.distributed.run --nproc-per-node N -m ...``
-as a real subprocess with one CPU thread per rank (2-core CI machines otherwise oversubscribe badly).
+(``job_launcher=True``: the job's own ``python -m job.torchrun``) as a real subprocess with one CPU thread per rank
+(2-core CI machines otherwise oversubscribe badly).
 """
 from __future__ import annotations
 
@@ -72,21 +73,26 @@ def run_distributed_test(fn: Callable, world_size: int = 2, backend: str = "gloo
             raise TimeoutError(f"distributed test {fn.__name__} did not finish in {timeout:.0f}s")
 
 
-def torchrun_cmd(module_args: Sequence[str], nproc: int = 2) -> list[str]:
+def torchrun_cmd(module_args: Sequence[str], nproc: int = 2, job_launcher: bool = False) -> list[str]:
+    """Plain torchrun, or (``job_launcher``) ``python -m job.torchrun``, whose first module arg must be job.train."""
+    if job_launcher:
+        assert module_args[0] == "job.train", module_args
+        return [sys.executable, "-m", "job.torchrun", "--standalone", f"--nproc-per-node={nproc}",
+                "--", *map(str, module_args[1:])]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
             "-m", *map(str, module_args)]
 
 
 def torchrun(module_args: Sequence[str], nproc: int = 2, timeout: float = 300.0,
-             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+             env: dict[str, str] | None = None, job_launcher: bool = False) -> subprocess.CompletedProcess:
     """``torchrun --nproc-per-node nproc -m module_args...`` to completion, output captured as text."""
-    return subprocess.run(torchrun_cmd(module_args, nproc), cwd=REPO_ROOT, env=cpu_env(env), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(torchrun_cmd(module_args, nproc, job_launcher), cwd=REPO_ROOT, env=cpu_env(env),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def start_torchrun(module_args: Sequence[str], nproc: int = 2, env: dict[str, str] | None = None,
-                   log: Path | None = None) -> subprocess.Popen:
+                   log: Path | None = None, job_launcher: bool = False) -> subprocess.Popen:
     """The same, started in the background (for signal tests); output goes to ``log`` when given."""
     out = open(log, "w") if log is not None else subprocess.DEVNULL
-    return subprocess.Popen(torchrun_cmd(module_args, nproc), cwd=REPO_ROOT, env=cpu_env(env), stdout=out,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(torchrun_cmd(module_args, nproc, job_launcher), cwd=REPO_ROOT, env=cpu_env(env),
+                            stdout=out, stderr=subprocess.STDOUT, text=True)

@@ -1,5 +1,6 @@
 """shards.pipeline on real shards read by the stock webdataset readers: augmentation and re-masking, determinism,
-exact mid-epoch restart with several loader workers, and validation coverage (each sample once over ranks x workers)."""
+exact mid-epoch restart with several loader workers, and validation coverage (each sample once over ranks x workers,
+for any number of ranks)."""
 from __future__ import annotations
 
 import numpy as np
@@ -83,29 +84,46 @@ def test_node_split_of_training_shards():
     assert pipeline.split_train_shards(urls, [2] * 5, 0, 1, batch_size=2) == urls
 
 
-@pytest.mark.parametrize("world, workers", [(1, 0), (1, 2), (2, 1), (3, 1)])
+@pytest.mark.parametrize("n", [0, 1, 3, 7, 1000, 6000])
+def test_val_share_gives_every_sample_to_exactly_one_rank(n):
+    for world in (1, 2, 3, 8, 32, 64, 256):
+        shares = [pipeline.val_share(n, r, world) for r in range(world)]
+        assert [i for s in shares for i in s] == list(range(n))  # contiguous blocks, in order, each sample once
+        sizes = [len(s) for s in shares]
+        assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+        assert n == 0 or sizes[0] >= 1  # rank 0 always holds the first samples (the validation pictures)
+    with pytest.raises(ValueError, match="rank 2 of world size 2"):
+        pipeline.val_share(5, 2, 2)
+
+
+@pytest.mark.parametrize("world, workers", [(1, 0), (1, 2), (2, 1), (3, 2), (4, 2), (12, 1)])
 def test_validation_sees_every_sample_once(tiny_shards, world, workers):
-    urls = [str(p) for p in shard_paths(tiny_shards / "train")]  # 3 shards of 3
-    keys = sorted(k for e in read_manifest(tiny_shards / "train")["shards"] for k in e["keys"])
-    workers = pipeline.check_val_shards(urls, world, workers)
+    """Samples split over ranks (any world size, even more ranks than samples or shards), then each rank's shards
+    over its loader workers: every sample once."""
+    manifest = read_manifest(tiny_shards / "train")  # 3 shards of 3
+    ordered = [(str(tiny_shards / "train" / e["name"]), k) for e in manifest["shards"] for k in e["keys"]]
     seen = []
     for rank in range(world):
-        ds = pipeline.ValSamples(urls, rank=rank, world=world, batch_size=2)
-        for b in pipeline.val_loader(ds, workers, pin_memory=False):
+        mine = ordered[pipeline.val_share(len(ordered), rank, world).start:
+                       pipeline.val_share(len(ordered), rank, world).stop]
+        urls = sorted({u for u, _ in mine})
+        ds = pipeline.ValSamples(urls, batch_size=2, keep=pipeline.KeyFilter(only=frozenset(k for _, k in mine)))
+        got = []
+        for b in pipeline.val_loader(ds, min(workers, len(urls)), pin_memory=False):
             assert b["gt"].shape[1:] == (64, 64, 3) and b["mask"].shape[1:] == (1, 64, 64)
-            seen.extend(b["key"])
-    assert sorted(seen) == keys
+            got.extend(b["key"])
+        assert sorted(got) == sorted(k for _, k in mine)
+        seen.extend(got)
+    assert sorted(seen) == sorted(k for _, k in ordered)
 
 
-def test_validation_key_filter_and_shard_check(tiny_shards):
+def test_validation_key_filter(tiny_shards):
     urls = [str(p) for p in shard_paths(tiny_shards / "train")]
     keys = sorted(k for e in read_manifest(tiny_shards / "train")["shards"] for k in e["keys"])
     keep = pipeline.KeyFilter(only=frozenset(keys[:4]))
-    ds = pipeline.ValSamples(urls, rank=0, world=1, batch_size=3, keep=keep)
+    ds = pipeline.ValSamples(urls, batch_size=3, keep=keep)
     assert sorted(k for b in pipeline.val_loader(ds, 0, False) for k in b["key"]) == keys[:4]
-    with pytest.raises(pipeline.ShardPlanError, match="3 validation shard\\(s\\) for 4 ranks"):
-        pipeline.check_val_shards(urls, 4, 2)
-    assert pipeline.check_val_shards(urls, 2, 8) == 1  # capped at the shards of the rank with the fewest
+    assert list(pipeline.val_loader(pipeline.ValSamples([], batch_size=3), 0, False)) == []  # a rank with none
 
 
 def test_bad_sample_error_names_key_and_shard(tmp_path, split):

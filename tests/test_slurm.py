@@ -1,6 +1,6 @@
 """The training job on a real SLURM: the local two-node cluster (slurm/local_cluster.sh), `sbatch slurm/train.sh`
 and `python launch/submit.py`, each preempted mid-run and requeued, both ending with exactly the weights of an
-uninterrupted run; and the errors a user gets at submission.
+uninterrupted run; 2 nodes x 2 tasks on a pack with one shard per split; and the errors a user gets at submission.
 
 Needs root (the fixture installs and starts the cluster, and stops it at the end unless it was already up).
 The three training runs (reference, sbatch, submitit) go at once so that the file stays within a few minutes.
@@ -120,10 +120,10 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def shards(photo_dir, tmp_path_factory) -> Path:
-    """Tiny shards with two validation shards (each of the 2 ranks needs one)."""
+    """Tiny shards at the default shard size: ONE shard per split (train 9 samples, val 3), fewer than the ranks."""
     out = tmp_path_factory.mktemp("slurm_shards") / "shards"
-    run_cli(["shards.pack", "photos", photo_dir, out, "--size", 64, "--seed", 0, "--val-fraction", 0.25,
-             "--shard-size", 2], check=True)
+    run_cli(["shards.pack", "photos", photo_dir, out, "--size", 64, "--seed", 0, "--val-fraction", 0.25],
+            check=True)
     return out
 
 
@@ -239,6 +239,21 @@ def test_sbatch_missing_shards_fails_before_srun_with_the_path(cluster, tmp_path
     assert not (tmp_path / "run").exists()
 
 
+def test_sbatch_bad_setting_is_one_line_before_srun(cluster, shards, tmp_path):
+    # The README's command with a bad value: job.plan refuses it on the first node before any srun, exit 2.
+    sb = sh("sbatch", "--parsable", "--output", tmp_path / "log-%j.out", TRAIN_SH, "--shards", shards,
+            "--out", tmp_path / "run", *TINY, "lr=abc", cwd=tmp_path)
+    assert sb.returncode == 0, sb.stderr
+    job_id = sb.stdout.strip()
+    fields = wait_job(job_id, time.monotonic() + 120)
+    assert fields["JobState"] == "FAILED" and fields["ExitCode"] == "2:0", fields
+    log = (tmp_path / f"log-{job_id}.out").read_text()
+    assert log.splitlines() == ["job.plan: error: lr='abc': expected a number",
+                                f"train.sh[{job_id}]: error: the job refused its command (the line above); nothing "
+                                f"was started or written"], log
+    assert not (tmp_path / "run").exists()
+
+
 def test_submit_wrong_partition_is_refused_at_submission(cluster, shards, tmp_path, capsys):
     from launch import submit
 
@@ -263,15 +278,15 @@ def test_submit_missing_shards_is_refused_at_submission(cluster, tmp_path, capsy
 
 
 def test_submit_wait_exits_with_the_jobs_status(cluster, shards, tmp_path):
-    # A resume target that does not exist is the job's to refuse (exit 2 on every task, at start).
-    missing = tmp_path / "no-such.pt"
+    # fp16 needs a GPU: the submit host cannot know the nodes' devices, the job refuses it there (exit 2, at start).
     out = sh(sys.executable, SUBMIT, "--nodes", 2, "--wait", "--shards", shards, "--out", tmp_path / "run",
-             f"resume={missing}", *TINY, cwd=tmp_path, timeout=400)
+             *TINY, "precision=fp16", cwd=tmp_path, timeout=400)
     assert out.returncode == 2, out.stdout + out.stderr
     job_id = re.search(r"submitted job (\d+) to SLURM: 2 node\(s\) x 1 task\(s\)", out.stdout).group(1)
     assert f"job {job_id}: FAILED" in out.stdout
     assert f"job {job_id} ended FAILED (exit code 2)" in out.stderr
-    assert f"resume={missing}: no such checkpoint file or run dir" in out.stderr  # the log's tail, shown
+    assert "job.train: error: precision=fp16 needs a CUDA device" in out.stderr  # the log's tail, shown
+    assert "Traceback" not in out.stderr
 
 
 def test_sbatch_train_sh_preempted_on_two_nodes_resumes_and_matches_uninterrupted(runs, reference):
@@ -313,3 +328,27 @@ def test_submit_py_preempted_on_two_nodes_resumes_and_matches_uninterrupted(runs
     assert f"Requeued job {job_id}" in log0  # submitit requeued checkpoint()'s fresh copy
     resumed_step(log0)
     assert_same_result(runs["out"]["submitit"], reference)
+
+
+def test_sbatch_two_nodes_two_tasks_each_on_a_one_shard_pack(cluster, shards, tmp_path):
+    """`sbatch --nodes 2 --ntasks-per-node 2 slurm/train.sh`: 4 gloo ranks on a pack with ONE shard per split train
+    (every rank draws from the one shard), validate each of the 3 samples once (rank 3 has none and still joins the
+    all-reduce) and finish. Last in the file: it needs both nodes' CPUs, so it runs after the runs above."""
+    run = tmp_path / "run"
+    sb = sh("sbatch", "--parsable", "--nodes", 2, "--ntasks-per-node", 2, "--output", tmp_path / "log-%j.out",
+            TRAIN_SH, "--shards", shards, "--out", run, *TINY, "max_steps=4", "val_every=2", cwd=tmp_path)
+    assert sb.returncode == 0, sb.stderr
+    job_id = sb.stdout.strip()
+    fields = wait_job(job_id, time.monotonic() + JOB_DEADLINE_S)
+    log = (tmp_path / f"log-{job_id}.out").read_text()
+    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", (fields, log[-3000:])
+    assert re.search(r"node node1 \(0/2\): torchrun nproc-per-node=2", log), log[-3000:]
+    assert re.search(r"node node2 \(1/2\): torchrun nproc-per-node=2", log), log[-3000:]
+    assert "train: 1 shard(s) cannot give each of 4 ranks a batch of its own" in log
+    assert "val: 3 samples over 4 ranks, each scored once (ranks 0-2: 1 each, rank 3: none)" in log
+    assert f"train.sh[{job_id}]: finished: {run}/done.json" in log
+    done = json.loads((run / "done.json").read_text())
+    assert (done["step"], done["reason"]) == (4, "finished")
+    assert json.loads((run / "config.json").read_text())["resolved"]["world_size"] == 4
+    val = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["n"]) for r in val if r["kind"] == "val"] == [(2, 3), (4, 3)]

@@ -58,10 +58,20 @@ def test_missing_shards_dir_is_refused_before_submission(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_shards_too_few_for_the_tasks_are_refused_before_submission(tiny_shards, tmp_path, capsys):
-    # tiny_shards has one validation shard: two tasks cannot each get one.
-    err = refused(capsys, "--local", "--tasks-per-node", 2, "--shards", tiny_shards, "--out", tmp_path / "run", *TINY)
-    assert "1 validation shard(s) for 2 ranks" in err and "(for 2 task(s))" in err
+def test_any_number_of_tasks_is_accepted_and_a_bad_resume_target_refused(tiny_shards, tmp_path, capsys):
+    # tiny_shards has one validation shard: 2 (or 64) tasks share its samples, nothing to refuse.
+    opts, _, job_args = submit.parse(["--nodes", "2", "--shards", str(tiny_shards), "--out", str(tmp_path / "run"),
+                                      *TINY])
+    for world in (2, 64):
+        launch = submit.check_job_input(opts, job_args, world)
+        assert launch.trains and launch.world == world and launch.split.num_val >= 1
+    # resume= on a file that is not a checkpoint: one line before submission, nothing written
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a checkpoint\n")
+    err = refused(capsys, "--local", "--tasks-per-node", 2, "--shards", tiny_shards, "--out", tmp_path / "run",
+                  *TINY, f"resume={notes}")
+    assert err.splitlines() == [f"submit: error: {notes}: cannot read checkpoint: not a file written by torch.save "
+                                f"(for 2 task(s))"]
     assert not (tmp_path / "run").exists()
 
 

@@ -6,6 +6,7 @@ Tiny everything: the timm test encoder, 16..8 decoder channels, 32-64 px crops, 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import signal
 import subprocess
@@ -45,19 +46,22 @@ def job(args, timeout=240) -> subprocess.CompletedProcess:
 def _overfit_on_ranks(shards: str, run_dir: str) -> None:
     import torch.distributed as tdist
 
-    from job import dist, train
+    from job import dist
     from job.config import parse_overrides
+    from job.data_plan import plan_data
+    from job.step import model_spec
+    from job.trainer import Trainer
 
     cfg = parse_overrides(TINY + ["crop_size=64", "remask_prob=0", "hflip=false", "max_steps=24",
                                   "steps_per_epoch=12", "val_every=1000", "lr=3e-3", "num_workers=0"])
     env = dist.detect()
     assert (env.world_size, env.source) == (2, "torchrun")
-    plan = train.plan_data(Path(shards), cfg, env.rank, env.world_size)
+    plan = plan_data(Path(shards), cfg, env.rank, env.world_size)
     # 5 train shards over 2 ranks: explicit node split, disjoint shard lists.
     mine = set(plan.train_urls)
     other = dist.all_gather_objects(sorted(mine))[1 - env.rank]
     assert mine and not mine & set(other)
-    trainer = train.Trainer(cfg, train.model_spec(cfg), plan, Path(run_dir), env, torch.device("cpu"), "fp32", None)
+    trainer = Trainer(cfg, model_spec(cfg), plan, Path(run_dir), env, torch.device("cpu"), "fp32", None)
     init = [p.detach().clone() for p in trainer.model.parameters()]
     assert trainer.run() == 0
     state = trainer.model.state_dict()  # parameters, and BatchNorm buffers (synced from rank 0 for validation)
@@ -102,7 +106,9 @@ def test_sigterm_checkpoints_and_resume_is_exact(shards2, tmp_path):
 
     run = tmp_path / "killed"
     log = tmp_path / "killed.log"
-    proc = start_torchrun(["job.train", "--shards", shards2, "--out", run, *RESUME_ARGS], log=log)
+    # this run goes through the job's launcher (python -m job.torchrun): its exit code is the job's 75
+    proc = start_torchrun(["job.train", "--shards", shards2, "--out", run, *RESUME_ARGS], log=log,
+                          job_launcher=True)
     deadline = time.monotonic() + 180
     try:
         while True:  # wait for the second optimizer step, then preempt (SIGTERM to torchrun, forwarded to ranks)
@@ -124,8 +130,9 @@ def test_sigterm_checkpoints_and_resume_is_exact(shards2, tmp_path):
     assert preempted["checkpoint"] == f"step_{stopped:08d}.pt"
     assert (run / "checkpoints" / "latest").read_text().strip() == preempted["checkpoint"]
     assert f"exiting 75" in out and not (run / "done.json").exists()
+    assert proc.returncode == 75 and "rerun the same command to continue (exit 75)" in out, out[-3000:]
 
-    res = torchrun(["job.train", "--shards", shards2, "--out", run, *RESUME_ARGS])
+    res = torchrun(["job.train", "--shards", shards2, "--out", run, *RESUME_ARGS], job_launcher=True)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"resumed from" in res.stdout and not (run / "preempted.json").exists()
     a, b = _final_state(ref), _final_state(run)
@@ -146,27 +153,156 @@ def test_sigterm_checkpoints_and_resume_is_exact(shards2, tmp_path):
 def test_early_stopping_single_process(shards2, tmp_path, capsys):
     run = tmp_path / "run"
     # lr so small that the uint8 predictions, hence the score, cannot change: the 2nd validation is not better.
-    res = job(["--shards", shards2, "--out", run, *TINY, "crop_size=32", "num_workers=0", "max_steps=40",
-               "steps_per_epoch=40", "val_every=2", "patience=1", "lr=1e-12"])
+    args = ["--shards", str(shards2), "--out", str(run), *TINY, "crop_size=32", "num_workers=0", "max_steps=40",
+            "steps_per_epoch=40", "val_every=2", "patience=1", "lr=1e-12"]
+    res = job(args)
     assert res.returncode == 0, res.stderr[-3000:]
     done = json.loads((run / "done.json").read_text())
     assert done["reason"] == "early_stop" and done["step"] == 4 and done["best_step"] == 2
     assert "early stop" in res.stdout
     assert json.loads((run / "config.json").read_text())["resolved"]["world_size"] == 1
     assert (run / "checkpoints" / "best.pt").is_file() and list((run / "tb").iterdir())
-    # a finished run is not redone on requeue
+    # a finished run is not redone on requeue (the same command: an early stop is as final as the last step)
     from job.train import main
 
-    assert main(["--shards", str(shards2), "--out", str(run), *TINY]) == 0
-    assert "already finished" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "this run already finished at step 4 (early_stop) of 40" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------ extending a run
+@pytest.mark.dist
+def test_finished_run_extended_from_4_to_8_steps(shards2, tmp_path):
+    """The same command with a larger max_steps continues a finished run at its last checkpoint; the added steps
+    are a new phase with its own warmup and cosine; the run dir keeps every launch's config; each validation
+    draws its picture into TensorBoard and RUN/val/ and logs the score terms as scalars."""
+    run = tmp_path / "run"
+    args = ["--shards", shards2, "--out", run, *TINY, "crop_size=32", "num_workers=0", "val_every=2",
+            "steps_per_epoch=3"]
+    first = job([*args, "max_steps=4"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = job([*args, "max_steps=4"])  # unchanged: still finished, nothing trained or written
+    assert again.returncode == 0 and "this run already finished at step 4 (finished) of 4" in again.stdout
+    extended = job([*args, "max_steps=8"])
+    assert extended.returncode == 0, extended.stderr[-3000:]
+    assert f"resumed from {run / 'checkpoints' / 'step_00000004.pt'} at step 4" in extended.stdout
+    assert "extended from 4 to 8 steps: steps 4..8 are a new joint phase with its own warmup and cosine" \
+        in extended.stdout
+    done = json.loads((run / "done.json").read_text())
+    assert (done["step"], done["total_steps"], done["reason"]) == (8, 8, "finished")
+    train = read_metrics(run, "train")
+    assert [r["step"] for r in train] == list(range(1, 9))  # steps 5..8 trained once, after 1..4
+    lr = {r["step"]: r["lr"] for r in train}
+    cosine = [1e-4 * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * i / 4))) for i in range(5)]
+    assert [lr[s] for s in (1, 2, 3, 4)] == pytest.approx(cosine[1:])  # the first 4 steps' cosine...
+    assert [lr[s] for s in (5, 6, 7, 8)] == pytest.approx(cosine[1:])  # ...and again over the added 4 steps
+    history = [json.loads(ln) for ln in (run / "config_history.jsonl").read_text().splitlines()]
+    assert [(h["kind"], h["start_step"], h["total_steps"]) for h in history] == [("new", 0, 4), ("extend", 4, 8)]
+    assert history[1]["config"]["run"]["max_steps"] == 8 and "max_steps=8" in history[1]["overrides"]
+    ckpt8 = torch.load(run / "checkpoints" / "step_00000008.pt", weights_only=True)
+    assert ckpt8["schedule"] == [["joint", 0, 4], ["joint", 4, 8]]
+
+    # every validation's picture: RUN/val/step_N.png (4 samples of 64 px) and TensorBoard, with the score terms
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for step in (2, 4, 6, 8):
+        assert Image.open(run / "val" / f"step_{step:08d}.png").size == (4 * 64, 18 + 3 * 64)  # val has 3 samples
+    events = EventAccumulator(str(run / "tb"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    images = events.Images("val/pictures")
+    assert sorted({i.step for i in images}) == [2, 4, 6, 8]
+    assert (images[-1].width, images[-1].height) == (4 * 64, 18 + 3 * 64)
+    for term in ("score", "ssim", "masked_ssim", "hist_sim"):
+        assert sorted({e.step for e in events.Scalars(f"val/{term}")}) == [2, 4, 6, 8], term
+    assert events.Scalars("val/score")[-1].value == pytest.approx(done["last_val"]["score"])
 
 
 # ----------------------------------------------------------------------------------------------------- bad input
 @pytest.mark.dist
-def test_too_few_val_shards_for_two_ranks(tiny_shards, tmp_path):
-    res = torchrun(["job.train", "--shards", tiny_shards, "--out", tmp_path / "run", *TINY], timeout=120)
-    assert res.returncode != 0
-    assert "1 validation shard(s) for 2 ranks" in res.stderr, res.stderr[-2000:]
+def test_four_ranks_on_one_shard_per_split_validate_every_sample_once(one_shard_shards, tmp_path):
+    """4 ranks on a pack with ONE shard per split and 3 validation samples: training shares the shard (each rank its
+    own seed), validation gives one sample to each of ranks 0-2 and none to rank 3, which still joins the
+    all-reduce; the world's score is the single-process score of the same weights on the same samples."""
+    from job import data_plan
+    from job.config import parse_overrides
+    from job.validation import validate
+    from restore.model import load_restorer
+    from restore.score import summarize_sums
+
+    run = tmp_path / "run"
+    args = [*TINY, "crop_size=32", "num_workers=1", "max_steps=4", "val_every=2", "val_images=2"]
+    res = torchrun(["job.train", "--shards", one_shard_shards, "--out", run, *args], nproc=4)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "train: 1 shard(s) cannot give each of 4 ranks a batch of its own: every rank draws from all of them, " \
+           "each with its own seed" in res.stdout
+    assert "val: 3 samples over 4 ranks, each scored once (ranks 0-2: 1 each, rank 3: none); 1 rank(s) score " \
+           "none and still join every all-reduce" in res.stdout
+    done = json.loads((run / "done.json").read_text())
+    assert done["reason"] == "finished" and done["step"] == 4
+    val = read_metrics(run, "val")
+    assert [(r["step"], r["n"]) for r in val] == [(2, 3), (4, 3)]
+    assert json.loads((run / "config.json").read_text())["resolved"]["world_size"] == 4
+
+    # The same weights in one process, the same memory format and batches of one image (as each rank had): the
+    # same numbers up to the float sums' order.
+    cfg = parse_overrides([*args, "val_batch_size=1"])
+    plan = data_plan.plan_data(one_shard_shards, cfg, rank=0, world=1)
+    model, _ = load_restorer(run / "checkpoints" / "step_00000004.pt")
+    model = model.to(memory_format=torch.channels_last)
+    sums, pictures = validate(model, data_plan.val_loader(plan, cfg, pin_memory=False), torch.device("cpu"), None,
+                              True, plan.val_keys[:2])
+    alone = summarize_sums(sums)
+    assert alone["n"] == 3
+    for term in ("score", "ssim", "masked_ssim", "hist_sim"):
+        assert val[-1][term] == pytest.approx(alone[term], abs=1e-9), term
+    # The picture's two rows are the world's first two samples, on ranks 0 and 1, gathered on rank 0: the same
+    # pixels as the single process draws (64 px tiles under an 18 px title strip).
+    import numpy as np
+    from PIL import Image
+
+    from job.validation import picture_grid
+
+    drawn = np.asarray(Image.open(run / "val" / "step_00000004.png"))
+    assert drawn.shape == (18 + 2 * 64, 4 * 64, 3) and len(pictures) == 2
+    assert np.array_equal(drawn, picture_grid(pictures))
+
+
+def test_resume_from_a_text_file_is_one_line_and_writes_nothing(shards2, tmp_path, capsys):
+    from job.train import main
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a checkpoint\n")
+    assert main(["--shards", str(shards2), "--out", str(tmp_path / "r"), f"resume={notes}"]) == 2
+    out = capsys.readouterr()
+    assert out.err.splitlines() == [f"job.train: error: {notes}: cannot read checkpoint: not a file written by "
+                                    f"torch.save"] and out.out == ""
+    assert not (tmp_path / "r").exists()
+    # the same through the job's torchrun launcher: refused before any rank starts, nothing written
+    res = subprocess.run([sys.executable, "-m", "job.torchrun", "--nproc-per-node", "2", "--shards", str(shards2),
+                          "--out", str(tmp_path / "r"), f"resume={notes}"], cwd=REPO_ROOT, env=cpu_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.splitlines() == [f"job.torchrun: error: {notes}: cannot read checkpoint: not a file written "
+                                       f"by torch.save"]
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.dist
+def test_bad_setting_under_torchrun_launchers(shards2, tmp_path):
+    """``lr=abc``: the job's torchrun launcher prints one line and exits 2 without starting a rank; plain torchrun
+    prints the job's line first (rank 0 only), then its own report, whose root cause repeats it, and exits 1."""
+    cmd = ["--nproc-per-node", "2", "--shards", str(shards2), "--out", str(tmp_path / "r"), "lr=abc"]
+    res = subprocess.run([sys.executable, "-m", "job.torchrun", *cmd], cwd=REPO_ROOT, env=cpu_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert (res.returncode, res.stdout, res.stderr) == (2, "", "job.torchrun: error: lr='abc': expected a number\n")
+    res = torchrun(["job.train", "--shards", shards2, "--out", tmp_path / "r", "lr=abc"], timeout=180)
+    line = "job.train: error: lr='abc': expected a number"
+    assert res.returncode == 1
+    assert res.stderr.splitlines()[0] == line and res.stderr.splitlines().count(line) == 1, res.stderr
+    root_cause = res.stderr[res.stderr.index("Root Cause"):]
+    assert "rank      : 0" in root_cause and "exitcode  : 2" in root_cause, root_cause
+    assert f"traceback : {line}" in root_cause  # torchrun's root cause names the job's message
+    assert not (tmp_path / "r").exists()
 
 
 def test_cli_bad_override_exits_2(shards2, tmp_path):
@@ -222,8 +358,8 @@ def test_resume_never_refuses_a_run_dir_with_checkpoints(shards2, tmp_path, caps
 def test_fold_held_out_of_train_when_there_is_no_val_split(shards2, tmp_path):
     import json as _json
 
-    from job import train
     from job.config import parse_overrides
+    from job.data_plan import plan_data
     from shards.folds import assign_folds
     from shards.reader import read_manifest
 
@@ -234,7 +370,7 @@ def test_fold_held_out_of_train_when_there_is_no_val_split(shards2, tmp_path):
     keys = [k for e in manifest["shards"] for k in e["keys"]]
     for fold in (0, 2):
         cfg = parse_overrides([f"fold={fold}", "num_folds=3", "batch_size=2"])
-        plan = train.plan_data(only_train, cfg, rank=0, world=1)
+        plan = plan_data(only_train, cfg, rank=0, world=1)
         expected = assign_folds(keys, 3, 0, groups=manifest.get("groups"))
         val = {k for k, f in expected.items() if f == fold}
         assert plan.val_keep.only == val and plan.train_keep.only == set(keys) - val
