@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -228,9 +230,26 @@ def main(argv: list[str] | None = None) -> int:
         except InputError as exc:
             return _error(str(exc), env)
         launch.resume_state = None  # the trainer holds what it needs
-        return trainer.run()
+        try:
+            return trainer.run()
+        except BaseException:
+            stop_loader_workers()
+            raise
     finally:
         dist.shutdown()
+
+
+def stop_loader_workers() -> None:
+    """Kill this process's loader workers after a crash. They ignore SIGTERM (the stop notice is the trainer's to act
+    on), and multiprocessing's exit handler only sends them SIGTERM before waiting for them: without this, a failed
+    rank (e.g. a bad sample raised in a worker) would print its traceback and then hang until the time limit."""
+    try:  # torch's SIGCHLD handler would report each killed worker as one more error
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    except ValueError:  # not the main thread: leave it
+        pass
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join(10)
 
 
 if __name__ == "__main__":

@@ -305,6 +305,16 @@ def test_bad_setting_under_torchrun_launchers(shards2, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_a_sample_that_fails_in_a_loader_worker_ends_the_job(shards2, tmp_path):
+    """A crash in a loader worker (a crop larger than the 64 px images) ends the process with the sample's error:
+    the workers ignore SIGTERM, and the exit used to wait for them forever."""
+    res = job(["--shards", shards2, "--out", tmp_path / "run", *TINY, "crop_size=128", "num_workers=2",
+               "max_steps=2"], timeout=120)
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert res.stderr.rstrip().splitlines()[-1].endswith("is smaller than crop_size 128"), res.stderr[-3000:]
+    assert "killed by signal" not in res.stderr
+
+
 def test_cli_bad_override_exits_2(shards2, tmp_path):
     res = job(["--shards", shards2, "--out", tmp_path / "r", "epochz=3"])
     assert res.returncode == 2 and "unknown config key 'epochz' (did you mean epochs?)" in res.stderr
