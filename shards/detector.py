@@ -10,13 +10,22 @@ value is only a *candidate*; it is called damage when the pixels around it say i
   (clipped shadows and skies change by a level or two per pixel), so most of its outline is soft. The share of the
   outline with a hard step is the main evidence; the outline on the image border shows nothing and is not counted,
   and a region bounded mostly by the image border is not called damage.
-- **One exact value** (lossy files). In a PNG every pixel of the hole is the fill. JPEG codes an 8x8 block of one
-  value exactly but rings within a block of the edge. There the candidate is the region within a few levels of a
-  value that stands out among the exactly flat pixels, grown through the ringing band to the edge (a pixel joins
-  when it is closer to the fill than to the photo just outside: JPEG keeps strong edges within about a pixel); its
-  interior (6 px in from the edge) must be almost all exactly the fill, which natural smooth areas, drifting by a
-  level from block to block, are not. Pieces of one value that JPEG cut apart (a polygon's thin necks) are judged
-  together.
+- **One exact value** (lossy files). In a PNG every pixel of the hole is the fill. JPEG codes each 8x8 block of its
+  grid on its own: a block wholly inside the hole decodes to exactly the fill (every such block of 300 DACON-style
+  holes did, at quality 90 and 75), and only the blocks the outline runs through ring. So the candidate grows from
+  the blocks that are exactly a value standing out among the flat pixels (DACON's 0-100), through the pixels within a
+  few levels of it, to the edge (a pixel joins when it is closer to the fill than to the photo just outside: JPEG
+  keeps strong edges within about a pixel); then along its thin parts (a star's spikes, a polygon's slivers, whose
+  ringing swings wider), through pixels closer to the fill than to the photo around them, in blocks that may hold
+  the fill. Where thin parts leave the outline it shows nothing, unless they cover most of it (a natural area's
+  soft rim grows all round). Its interior must be almost all exactly the fill: the pixels 6 px in from the edge, or
+  every whole block inside it (a thin polygon rings 6 px in, its blocks do not), which natural smooth areas,
+  drifting by a level from block to block, are not (except at the photo's dark end, where a crushed shadow's blocks
+  flatten to one value too: there only the pixels count). Pieces of one value that JPEG cut apart (a polygon's thin
+  necks) are judged together when they lie near each other.
+- **One region.** The damage is the only pasted fill: when the photo holds more exactly flat JPEG blocks of the value
+  elsewhere (beyond the candidate) than half as many as the candidate has, the value is the photo's own (a crushed
+  shadow, a flat backdrop), in a JPEG where a flat area's edge and interior can look like a fill's.
 - **Not clipping.** A blown highlight is one exact value at the top of the range, and its edge against a dark
   object is as hard as pasted fill's: a region near 255 with nothing in the photo brighter is not called damage
   (DACON fills are 0-100). In a JPEG a crushed shadow is exact too (the decoder clamps the ringing): a region with
@@ -28,7 +37,7 @@ value is only a *candidate*; it is called damage when the pixels around it say i
 ``detect_mask`` is the two-value interface the packer uses. The thresholds were set on DACON-style damage over one
 set of photos (Debian wallpaper photographs) and measured on another (the photos bundled with scikit-image,
 scikit-learn and matplotlib): ``bench/detector.py``, results in ``bench/RESULTS.md``. Sizes scale with the image
-(64x64 test images work); 7-8 CPU ms per 512x512 PNG, 18-36 per JPEG.
+(64x64 test images work); 7-8 CPU ms per 512x512 PNG, about 25-35 per JPEG.
 """
 from __future__ import annotations
 
@@ -56,6 +65,19 @@ LOSSY_LOW_FRACTION = 0.01  # ... and at least DACON's smallest hole (1% of the i
 LOSSY_TOLERANCE = 4  # lossy: gray levels around the fill that ringing inside the hole reaches
 LOSSY_REACH = 6  # lossy: px from exactly-flat pixels that the tolerant region may extend (one JPEG block)
 LOSSY_EDGE_PX = 3  # lossy: px grown through the ringing band at the edge
+LOSSY_FILL_MAX = 100  # lossy: the fills looked for (DACON's are 0-100); brighter flat areas are the photo's (a JPEG's
+# evidence is weaker than a PNG's exact value, so the known range is used)
+LOSSY_SMOOTH = 2  # lossy: a JPEG block spanning at most this many levels is smooth: if the fill is outside its range,
+# none of it is the hole's (a block holding hole pixels keeps them near the fill)
+LOSSY_ROUGH = 8  # lossy: a block spanning more than this holds an edge (an island of photo inside a polygon)
+LOSSY_THIN_REACH = 16  # lossy: px the thin parts of a hole are followed beyond its core
+LOSSY_THIN_WINDOW = 7  # lossy: radius of the window the photo's gray around a thin part is taken over
+LOSSY_THIN_FAR = 8  # lossy: ... from the pixels this far from the fill
+LOSSY_THIN_SHARE = 0.6  # lossy: share of the core's outline thin parts may cover (a star's spikes: up to ~0.5)
+LOSSY_BLOCK_ERODE = 3  # lossy: the blocks judged lie wholly 3 px inside the region (the edge growth overshoots)
+LOSSY_MIN_BLOCKS = 4  # lossy: exact blocks needed to judge the interior block by block
+LOSSY_ELSEWHERE_PX = 8  # lossy: exact blocks farther than this from the region are elsewhere in the photo
+LOSSY_REPEAT_SHARE, LOSSY_REPEAT_MIN = 0.5, 4  # lossy: elsewhere >= max(4, half the region's): the photo's value
 AUTO_RINGING_SHARE = 0.35  # lossy=None: an exact region ringed this much is handed to the lossy search
 CLIP_MARGIN, CLIP_SHARE = 2, 0.01  # at a tonal end when < 1% of the photo is > 2 levels beyond the fill
 # (not 0: JPEG ringing around a crushed shadow undershoots below it)
@@ -65,6 +87,7 @@ _MAX_EXACT_REGIONS = 64  # bounds the work on images with many flat regions (gra
 _MAX_LOSSY_VALUES = 8
 _MAX_PIECES_PER_VALUE = 12
 _GROUP_PX = 3  # lossy: pieces this close are one candidate (JPEG breaks a polygon's thin necks)
+_UNION_PX = 32  # lossy: hard-edged pieces of one value this close (in chains) are judged together too
 _SMALL_HOLE_PX = 64  # lossy: enclosed gaps this small are ringing inside the hole, not islands
 
 
@@ -159,6 +182,7 @@ class _Candidate:
     evidence: dict[str, Any]
     rejected: str  # why it is not damage; "" when it is
     edge_ok: bool = True  # lossy pieces: the outline alone would pass (hard-edged, not the border, not clipped)
+    core: np.ndarray | None = None  # lossy: ``region`` without its thin parts (its outline and interior are judged)
 
     @property
     def area(self) -> int:
@@ -189,8 +213,9 @@ def _covers(big: _Candidate, small: _Candidate) -> bool:
 
 
 def _best(candidates: list[_Candidate]) -> _Candidate | None:
+    """The largest accepted candidate; in a JPEG first one whose value the photo holds nowhere else (ONE fill)."""
     accepted = [c for c in candidates if not c.rejected]
-    return max(accepted, key=lambda c: c.area) if accepted else None
+    return max(accepted, key=lambda c: (c.evidence.get("elsewhere_blocks", 0) == 0, c.area)) if accepted else None
 
 
 def _exact_candidates(gray: np.ndarray, need: int) -> tuple[list[_Candidate], tuple[int, int]]:
@@ -225,42 +250,55 @@ def _lossy_candidates(gray: np.ndarray, need: int, max_fraction: float) -> list[
     """Near-constant regions of the values most exactly flat pixels share, grown through JPEG ringing, with evidence.
 
     Regions are 4-connected, like the real holes. For each value every piece (pieces a few px apart are one) is judged
-    on its own; the hard-edged ones are judged again together (JPEG breaks a polygon's thin necks), and each alone when
-    the union fails.
+    on its own; the hard-edged ones lying near each other are judged again together (JPEG breaks a polygon's thin
+    necks), and each alone when the union fails.
     """
     flat = _max_neighbour_step(gray) == 0
     counts = np.bincount(gray[flat], minlength=256)
     # A fill is a spike among the flat pixels' values; a smooth natural area spreads over neighbouring values.
     spread = ndimage.median_filter(counts, size=7, mode="constant")
     excess = counts - spread
+    excess[LOSSY_FILL_MAX + 1 :] = 0
     values = [int(v) for v in np.argsort(-excess, kind="stable")[:_MAX_LOSSY_VALUES] if excess[v] >= need / 4]
+    if not values:
+        return []
     g16 = gray.astype(np.int16)
     histogram = np.bincount(gray.ravel(), minlength=256)
     min_piece = max(16, need // 8)
+    grid = _JpegGrid(gray)
+    margin = LOSSY_THIN_REACH + LOSSY_THIN_WINDOW + 1
     out: list[_Candidate] = []
     for value in values:
-        _, seed_labels, seed_stats, _ = cv2.connectedComponentsWithStats(_u8(gray == value), connectivity=4)
-        seeds = seed_stats[:, cv2.CC_STAT_AREA] >= 16  # one 4x4 patch of the exact value at least
-        seeds[0] = False
-        core = _grow_within(seeds[seed_labels], np.abs(g16 - value) <= LOSSY_TOLERANCE, LOSSY_REACH)
+        # Seeds: the blocks that are exactly the value (a hole's inside); a hole too thin for a whole block: patches.
+        seeds = grid.exact_pixels(value)
+        if not seeds.any():
+            _, seed_labels, seed_stats, _ = cv2.connectedComponentsWithStats(_u8(gray == value), connectivity=4)
+            big = seed_stats[:, cv2.CC_STAT_AREA] >= 16  # one 4x4 patch of the exact value at least
+            big[0] = False
+            seeds = big[seed_labels]
+        core = _grow_within(seeds, np.abs(g16 - value) <= LOSSY_TOLERANCE, LOSSY_REACH)
+        may_hold = grid.may_hold(value)
         _, labels, stats, _ = cv2.connectedComponentsWithStats(_u8(_dilate(core, _GROUP_PX)), connectivity=4)
         pieces: list[_Candidate] = []
         for label in 1 + np.argsort(-stats[1:, cv2.CC_STAT_AREA], kind="stable")[:_MAX_PIECES_PER_VALUE]:
             x, y, w, h, area = stats[label]
-            box = _padded((slice(y, y + h), slice(x, x + w)), gray.shape, LOSSY_EDGE_PX + 3)
+            box = _padded((slice(y, y + h), slice(x, x + w)), gray.shape, margin)
             piece = (labels[box] == label) & core[box]
             if area < min_piece or piece.sum() < min_piece:
                 continue
-            region = _grow_to_edge(gray[box], piece, value)
-            pieces.append(_judge_lossy(gray, box, region, value, histogram, need=min_piece))
-        # The hard-edged pieces of one value are one damage region broken by JPEG (a thin piece's interior is all
-        # ringing, so it is judged on its outline alone): they are judged together.
-        edged = [p for p in pieces if p.edge_ok]
-        whole = _judge_lossy(gray, *_union(edged), value, histogram, need=need) if len(edged) > 1 else None
-        if whole is not None:
-            out.append(whole)
-        if whole is None or whole.rejected:  # a natural piece of the same value may spoil the union: each alone
-            out += [_judge_lossy(gray, p.box, p.region, value, histogram, need=need) for p in edged]
+            piece_core = _grow_to_edge(gray[box], piece, value)
+            region = _grow_thin(gray[box], piece_core, value, may_hold[box])
+            pieces.append(_judge_lossy(gray, box, region, piece_core, value, histogram, grid, need=min_piece))
+        # The hard-edged pieces of one value near each other are one damage region broken by JPEG (a thin piece's
+        # interior is all ringing, so it is judged on its outline alone): they are judged together.
+        for group in _near_groups([p for p in pieces if p.edge_ok], grid):
+            whole = None
+            if len(group) > 1:
+                whole = _judge_lossy(gray, *_union(group), value, histogram, grid, need=need)
+                out.append(whole)
+            if whole is None or whole.rejected:  # a natural piece of the same value may spoil the union: each alone
+                out += [_judge_lossy(gray, p.box, p.region, p.core, value, histogram, grid, need=need)
+                        for p in group]
         out += [p for p in pieces if not p.edge_ok]
     for c in out:
         if not c.rejected and c.area > max_fraction * gray.size:
@@ -286,19 +324,26 @@ def _judge_exact(gray, box, region, fill, ignore, histogram) -> _Candidate:
     return _Candidate(box, region, fill, False, ev, rejected)
 
 
-def _judge_lossy(gray, box, region, fill, histogram, *, need) -> _Candidate:
-    """Evidence for a JPEG-smeared region: steps 2-3 px outside it, the exactness of its deep interior, and whether it
-    sits at the photo's tonal end."""
+def _judge_lossy(gray, box, region, core, fill, histogram, grid, *, need) -> _Candidate:
+    """Evidence for a JPEG-smeared region (``core``: it without its thin parts): steps 2-3 px outside the core, the
+    exactness of its interior, whether the photo holds the value elsewhere and whether it sits at the tonal end."""
     g = gray[box].astype(np.int16)
-    steps = np.abs(g[_dilate(region, 3) & ~_dilate(region, 1)] - fill)
+    # Where the thin parts leave the core the outline shows nothing; when they cover most of it, they are no thin
+    # parts but a natural area's soft rim, grown all round: then the core alone is judged.
+    ring = _dilate(core, 3) & ~_dilate(core, 1)
+    thin_share = float((ring & region).sum() / max(1, ring.sum()))
+    if thin_share > LOSSY_THIN_SHARE:
+        region = core
+    else:
+        ring &= ~region
+    steps = np.abs(g[ring] - fill)
     share = float((steps > LOSSY_HARD_STEP).mean()) if steps.size else 0.0
     ev = _common_evidence(gray.shape, box, region, share, int((_dilate(region, 0) & ~region).sum()), steps)
+    ev["thin_share"] = thin_share
     ev["low_step_share"] = float((steps > LOSSY_LOW_STEP).mean()) if steps.size else 0.0
-    interior = _erode(region, LOSSY_INTERIOR_PX)
-    if not interior.any():  # a thin shape: what is left after a smaller erosion, or the region
-        interior = _erode(region, 2) if _erode(region, 2).any() else region
-    ev["interior_exact_share"] = exact = float((g[interior] == fill).mean())
     clip = _clip_end(histogram, region, gray[box], fill)
+    ev["interior_exact_share"] = exact = _interior_exactness(g, core, fill, grid, box, by_blocks=clip != "dark")
+    ev["own_blocks"], ev["elsewhere_blocks"] = grid.exact_blocks_around(region, box, fill, LOSSY_ELSEWHERE_PX)
     need_exact = LOSSY_DARK_INTERIOR_EXACT if clip == "dark" else LOSSY_INTERIOR_EXACT
     # A low-contrast hole (fill close to the photo's tones) has small steps: accepted on smaller steps when its
     # interior is even more exactly one value.
@@ -313,11 +358,34 @@ def _judge_lossy(gray, box, region, fill, histogram, *, need) -> _Candidate:
     if not rejected and runs_off_dark:
         rejected = (f"nothing in the photo is darker than {fill} and it runs off the frame: in a JPEG a shadow "
                     f"(crushed to one value, its ringing clipped) cannot be told from a constant fill there")
+    own, elsewhere = ev["own_blocks"], ev["elsewhere_blocks"]
+    if not rejected and elsewhere >= max(LOSSY_REPEAT_MIN, LOSSY_REPEAT_SHARE * own):
+        rejected = (f"the photo holds {elsewhere} more JPEG blocks of exactly {fill} elsewhere ({own} in the region): "
+                    f"its own value (a crushed shadow, a flat backdrop), not one pasted fill")
     if not rejected and exact < need_exact:
         rejected = (f"{exact:.0%} of its interior is exactly {fill} (needs {need_exact:.0%}"
                     f"{' at the dark end of the photo, where shadows crush' if clip == 'dark' else ''}): "
                     f"a natural flat area")
-    return _Candidate(box, region, fill, True, ev, rejected, edge_ok)
+    return _Candidate(box, region, fill, True, ev, rejected, edge_ok, core)
+
+
+def _interior_exactness(g: np.ndarray, core: np.ndarray, fill: int, grid: _JpegGrid, box: tuple[slice, slice], *,
+                        by_blocks: bool) -> float:
+    """Share of the interior that is exactly ``fill``: of the pixels 6 px inside ``core`` (a crop at ``box``); 1 when
+    ``by_blocks`` and every JPEG block lying wholly inside is exactly the fill (at least ``LOSSY_MIN_BLOCKS``; blocks
+    with an edge, an island of photo, are not judged): a thin polygon rings 6 px in, but no block inside a hole rings.
+    Not at the photo's dark end: a crushed shadow's smooth blocks are flattened to one value too."""
+    interior = _erode(core, LOSSY_INTERIOR_PX)
+    if not interior.any():  # a thin shape: what is left after a smaller erosion, or the region
+        interior = _erode(core, 2) if _erode(core, 2).any() else core
+    exact = float((g[interior] == fill).mean())
+    if by_blocks and exact < 1:
+        lo, hi = grid.blocks_inside(_erode(core, LOSSY_BLOCK_ERODE), box)
+        exact_blocks = (lo == fill) & (hi == fill)
+        judged = exact_blocks | (hi.astype(np.int16) - lo <= LOSSY_ROUGH)
+        if exact_blocks.sum() >= LOSSY_MIN_BLOCKS and exact_blocks.sum() == judged.sum():
+            return 1.0
+    return exact
 
 
 _BLOWN = "nothing in the photo is brighter than {fill}: a blown highlight (DACON fills are 0-100)"
@@ -365,7 +433,7 @@ def _nothing_found(examined, need, min_fraction, min_pixels, largest, lossy) -> 
     if not examined:
         seen = f"the largest has {largest[0]} px (value {largest[1]})" if largest[1] >= 0 else "none is close"
         if lossy is True:
-            seen = "no gray value is shared by enough exactly flat pixels"
+            seen = f"no gray value of 0-{LOSSY_FILL_MAX} (the fills looked for) is shared by enough exactly flat pixels"
         return NoDamageFound(
             f"no region of one constant gray of at least {need} px "
             f"({min_fraction:.1%} of the image, at least {min_pixels} px): {seen}",
@@ -415,6 +483,26 @@ def _grow_to_edge(g8: np.ndarray, core: np.ndarray, fill: int) -> np.ndarray:
     return _fill_small_holes(mask)
 
 
+def _grow_thin(g8: np.ndarray, core: np.ndarray, fill: int, may_hold: np.ndarray) -> np.ndarray:
+    """``core`` grown along the hole's thin parts (a star's spikes, ``LOSSY_THIN_REACH`` px at most): through pixels
+    closer to the fill than to the photo around them (the mean of the pixels nearby that are far from the fill), in
+    blocks that may hold the fill. Ringing in a thin part swings wide, but stays nearer the fill than the photo."""
+    g = g8.astype(np.float32)
+    far = (np.abs(g - fill) > LOSSY_THIN_FAR).astype(np.float32)
+    size = (2 * LOSSY_THIN_WINDOW + 1,) * 2
+    weight = cv2.boxFilter(far, -1, size, normalize=False, borderType=cv2.BORDER_CONSTANT)
+    total = cv2.boxFilter(g * far, -1, size, normalize=False, borderType=cv2.BORDER_CONSTANT)
+    photo = total / np.maximum(weight, 1e-6)
+    closer = may_hold & (weight >= 4) & (np.abs(g - fill) < np.abs(g - photo))
+    mask = core
+    for _ in range(LOSSY_THIN_REACH):
+        add = _dilate(mask, 0) & ~mask & closer
+        if not add.any():
+            break
+        mask = mask | add
+    return _fill_small_holes(mask)
+
+
 def _fill_small_holes(region: np.ndarray) -> np.ndarray:
     """``region`` with its enclosed gaps of at most ``_SMALL_HOLE_PX`` filled (ringing, not islands)."""
     n, labels, stats, _ = cv2.connectedComponentsWithStats(_u8(~np.pad(region, 1)), connectivity=4)
@@ -425,14 +513,116 @@ def _fill_small_holes(region: np.ndarray) -> np.ndarray:
     return region | small[labels[1:-1, 1:-1]]
 
 
-def _union(pieces: list[_Candidate]) -> tuple[tuple[slice, slice], np.ndarray]:
+def _near_groups(pieces: list[_Candidate], grid: _JpegGrid) -> list[list[_Candidate]]:
+    """``pieces`` in groups lying near each other (chains of pieces at most ``_UNION_PX`` apart, measured in JPEG
+    blocks): one damage region broken by JPEG lies in one group; flat areas of one value across the photo do not."""
+    if len(pieces) < 2:
+        return [pieces] if pieces else []
+    near = np.zeros(grid.lo.shape, bool)
+    firsts = []
+    for p in pieces:
+        rows, cols, touched = grid.blocks_touched(p.region, p.box)
+        near[rows : rows + touched.shape[0], cols : cols + touched.shape[1]] |= touched
+        r, c = np.argwhere(touched)[0]
+        firsts.append((rows + r, cols + c))
+    _, labels = cv2.connectedComponents(_u8(_dilate(near, _UNION_PX // 16)), connectivity=8)
+    groups: dict[int, list[_Candidate]] = {}
+    for p, (r, c) in zip(pieces, firsts):
+        groups.setdefault(int(labels[r, c]), []).append(p)
+    return list(groups.values())
+
+
+def _union(pieces: list[_Candidate]) -> tuple[tuple[slice, slice], np.ndarray, np.ndarray]:
+    """(box, region, core) of ``pieces`` together."""
     rows = slice(min(p.box[0].start for p in pieces), max(p.box[0].stop for p in pieces))
     cols = slice(min(p.box[1].start for p in pieces), max(p.box[1].stop for p in pieces))
     region = np.zeros((rows.stop - rows.start, cols.stop - cols.start), dtype=bool)
+    core = region.copy()
     for p in pieces:
-        region[p.box[0].start - rows.start : p.box[0].stop - rows.start,
-               p.box[1].start - cols.start : p.box[1].stop - cols.start] |= p.region
-    return (rows, cols), region
+        at = (slice(p.box[0].start - rows.start, p.box[0].stop - rows.start),
+              slice(p.box[1].start - cols.start, p.box[1].stop - cols.start))
+        region[at] |= p.region
+        core[at] |= p.core
+    return (rows, cols), region, core
+
+
+# --------------------------------------------------------------------------------------------------------- JPEG blocks
+class _JpegGrid:
+    """The 8x8 blocks a JPEG coded the image in, each block's lowest and highest gray (``lo``, ``hi``).
+
+    The grid lies where the most 8x8 blocks are exactly flat (an image cropped off the grid after decoding is still
+    read right); blocks the image edge cuts count with their pixels in the image.
+    """
+
+    def __init__(self, gray: np.ndarray):
+        h, w = gray.shape
+        first_row, first_col = _grid_offset(gray)
+        self.top, self.left = (8 - first_row) % 8, (8 - first_col) % 8  # padding that puts a block corner at (0, 0)
+        pad = ((self.top, -(h + self.top) % 8), (self.left, -(w + self.left) % 8))
+        blocks = np.pad(gray, pad, mode="edge")  # a cut block repeats its own pixels: its lo/hi stay its own
+        blocks = blocks.reshape(blocks.shape[0] // 8, 8, blocks.shape[1] // 8, 8)
+        self.lo = blocks.min(axis=(1, 3))
+        self.hi = blocks.max(axis=(1, 3))
+        self.shape = (h, w)
+
+    def _pixels(self, per_block: np.ndarray) -> np.ndarray:
+        h, w = self.shape
+        return np.repeat(np.repeat(per_block, 8, 0), 8, 1)[self.top : self.top + h, self.left : self.left + w]
+
+    def exact_pixels(self, fill: int) -> np.ndarray:
+        """Pixels of the blocks that are exactly ``fill``."""
+        return self._pixels((self.lo == fill) & (self.hi == fill))
+
+    def may_hold(self, fill: int) -> np.ndarray:
+        """Pixels whose block may hold part of a hole of ``fill``: all but smooth blocks whose grays miss the fill."""
+        smooth = self.hi.astype(np.int16) - self.lo <= LOSSY_SMOOTH
+        return self._pixels(~(smooth & ((self.lo > fill) | (self.hi < fill))))
+
+    def blocks_touched(self, region: np.ndarray, box: tuple[slice, slice], *, whole: bool = False):
+        """(first block row, first block col, bool per block): the blocks holding a pixel of ``region`` (a crop at
+        ``box``), or with ``whole`` the blocks lying wholly in it (a block the image edge cuts never does)."""
+        r0, c0 = box[0].start + self.top, box[1].start + self.left
+        a, b = r0 % 8, c0 % 8
+        h, w = region.shape
+        buf = np.zeros((-(-(a + h) // 8) * 8, -(-(b + w) // 8) * 8), dtype=bool)
+        buf[a : a + h, b : b + w] = region
+        buf = buf.reshape(buf.shape[0] // 8, 8, buf.shape[1] // 8, 8)
+        return (r0 - a) // 8, (c0 - b) // 8, (buf.all(axis=(1, 3)) if whole else buf.any(axis=(1, 3)))
+
+    def blocks_inside(self, region: np.ndarray, box: tuple[slice, slice]) -> tuple[np.ndarray, np.ndarray]:
+        """(lo, hi) of the blocks lying wholly in ``region`` (a crop at ``box``)."""
+        rows, cols, inside = self.blocks_touched(region, box, whole=True)
+        at = (slice(rows, rows + inside.shape[0]), slice(cols, cols + inside.shape[1]))
+        return self.lo[at][inside], self.hi[at][inside]
+
+    def exact_blocks_around(self, region: np.ndarray, box: tuple[slice, slice], fill: int,
+                            px: int) -> tuple[int, int]:
+        """(blocks exactly ``fill`` holding a pixel of ``region``, such blocks farther than ``px`` from it)."""
+        exact = (self.lo == fill) & (self.hi == fill)
+        total = int(exact.sum())
+        if total == 0:
+            return 0, 0
+
+        def count(mask: np.ndarray) -> int:
+            rows, cols, touched = self.blocks_touched(mask, box)
+            return int((exact[rows : rows + touched.shape[0], cols : cols + touched.shape[1]] & touched).sum())
+
+        return count(region), total - count(_dilate(region, px))
+
+
+def _grid_offset(gray: np.ndarray) -> tuple[int, int]:
+    """(row, col) where the first whole JPEG block starts: the offset with the most exactly flat 8x8 blocks ((0, 0)
+    unless another has more)."""
+    h, w = gray.shape
+    if h < 16 or w < 16:
+        return 0, 0
+    kernel = np.ones((8, 8), np.uint8)
+    lo = cv2.erode(gray, kernel, anchor=(0, 0), borderType=cv2.BORDER_REPLICATE)  # over [y, y+8) x [x, x+8)
+    hi = cv2.dilate(gray, kernel, anchor=(0, 0), borderType=cv2.BORDER_REPLICATE)
+    flat = (lo == hi)[: h - 7, : w - 7]
+    counts = np.array([[np.count_nonzero(flat[dy::8, dx::8]) for dx in range(8)] for dy in range(8)])
+    dy, dx = np.unravel_index(int(counts.argmax()), counts.shape)
+    return (int(dy), int(dx)) if counts[dy, dx] > counts[0, 0] else (0, 0)
 
 
 # ------------------------------------------------------------------------------------------------------------- helpers
