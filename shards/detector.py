@@ -16,8 +16,8 @@ value is only a *candidate*; it is called damage when the pixels around it say i
   the blocks that are exactly a value standing out among the flat pixels (DACON's 0-100), through the pixels within a
   few levels of it, to the edge (a pixel joins when it is closer to the fill than to the photo just outside: JPEG
   keeps strong edges within about a pixel); then along its thin parts (a star's spikes, a polygon's slivers, whose
-  ringing swings wider), through pixels closer to the fill than to the photo around them, in blocks that may hold
-  the fill. Where thin parts leave the outline it shows nothing, unless they cover most of it (a natural area's
+  ringing swings wider), through pixels at least twice as near the fill as the photo around them, in blocks that may
+  hold the fill. Where thin parts leave the outline it shows nothing, unless they cover most of it (a natural area's
   soft rim grows all round). Its interior must be almost all exactly the fill: the pixels 6 px in from the edge, or
   every whole block inside it (a thin polygon rings 6 px in, its blocks do not), which natural smooth areas,
   drifting by a level from block to block, are not (except at the photo's dark end, where a crushed shadow's blocks
@@ -73,6 +73,8 @@ LOSSY_ROUGH = 8  # lossy: a block spanning more than this holds an edge (an isla
 LOSSY_THIN_REACH = 16  # lossy: px the thin parts of a hole are followed beyond its core
 LOSSY_THIN_WINDOW = 7  # lossy: radius of the window the photo's gray around a thin part is taken over
 LOSSY_THIN_FAR = 8  # lossy: ... from the pixels this far from the fill
+LOSSY_THIN_NEAR = 0.5  # lossy: a thin part's pixel is at least twice as near the fill as the photo (not the edge's
+# mid-gray blur, which would widen the whole outline)
 LOSSY_THIN_SHARE = 0.6  # lossy: share of the core's outline thin parts may cover (a star's spikes: up to ~0.5)
 LOSSY_BLOCK_ERODE = 3  # lossy: the blocks judged lie wholly 3 px inside the region (the edge growth overshoots)
 LOSSY_MIN_BLOCKS = 4  # lossy: exact blocks needed to judge the interior block by block
@@ -485,15 +487,15 @@ def _grow_to_edge(g8: np.ndarray, core: np.ndarray, fill: int) -> np.ndarray:
 
 def _grow_thin(g8: np.ndarray, core: np.ndarray, fill: int, may_hold: np.ndarray) -> np.ndarray:
     """``core`` grown along the hole's thin parts (a star's spikes, ``LOSSY_THIN_REACH`` px at most): through pixels
-    closer to the fill than to the photo around them (the mean of the pixels nearby that are far from the fill), in
-    blocks that may hold the fill. Ringing in a thin part swings wide, but stays nearer the fill than the photo."""
+    at least twice as near the fill as the photo around them (the mean of the pixels nearby that are far from the
+    fill), in blocks that may hold the fill. Ringing in a thin part swings wide, but stays near the fill."""
     g = g8.astype(np.float32)
     far = (np.abs(g - fill) > LOSSY_THIN_FAR).astype(np.float32)
     size = (2 * LOSSY_THIN_WINDOW + 1,) * 2
     weight = cv2.boxFilter(far, -1, size, normalize=False, borderType=cv2.BORDER_CONSTANT)
     total = cv2.boxFilter(g * far, -1, size, normalize=False, borderType=cv2.BORDER_CONSTANT)
     photo = total / np.maximum(weight, 1e-6)
-    closer = may_hold & (weight >= 4) & (np.abs(g - fill) < np.abs(g - photo))
+    closer = may_hold & (weight >= 4) & (np.abs(g - fill) < LOSSY_THIN_NEAR * np.abs(g - photo))
     mask = core
     for _ in range(LOSSY_THIN_REACH):
         add = _dilate(mask, 0) & ~mask & closer
