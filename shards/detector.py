@@ -37,7 +37,7 @@ value is only a *candidate*; it is called damage when the pixels around it say i
 ``detect_mask`` is the two-value interface the packer uses. The thresholds were set on DACON-style damage over one
 set of photos (Debian wallpaper photographs) and measured on another (the photos bundled with scikit-image,
 scikit-learn and matplotlib): ``bench/detector.py``, results in ``bench/RESULTS.md``. Sizes scale with the image
-(64x64 test images work); 7-8 CPU ms per 512x512 PNG, about 25-35 per JPEG.
+(64x64 test images work); 6-7 CPU ms per 512x512 PNG, 14-22 per JPEG (bench/RESULTS.md).
 """
 from __future__ import annotations
 
