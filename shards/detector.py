@@ -476,13 +476,7 @@ def _grow_to_edge(g8: np.ndarray, core: np.ndarray, fill: int) -> np.ndarray:
     outside = total / np.maximum(weight, 1e-6)
     g = g8.astype(np.float32)
     closer = (np.abs(g - fill) < np.abs(g - outside)) & (weight > 0)
-    mask = core
-    for _ in range(LOSSY_EDGE_PX):
-        add = _dilate(mask, 0) & ~mask & closer
-        if not add.any():
-            break
-        mask = mask | add
-    return _fill_small_holes(mask)
+    return _grow_through(core, closer, LOSSY_EDGE_PX)
 
 
 def _grow_thin(g8: np.ndarray, core: np.ndarray, fill: int, may_hold: np.ndarray) -> np.ndarray:
@@ -496,9 +490,14 @@ def _grow_thin(g8: np.ndarray, core: np.ndarray, fill: int, may_hold: np.ndarray
     total = cv2.boxFilter(g * far, -1, size, normalize=False, borderType=cv2.BORDER_CONSTANT)
     photo = total / np.maximum(weight, 1e-6)
     closer = may_hold & (weight >= 4) & (np.abs(g - fill) < LOSSY_THIN_NEAR * np.abs(g - photo))
+    return _grow_through(core, closer, LOSSY_THIN_REACH)
+
+
+def _grow_through(core: np.ndarray, allowed: np.ndarray, steps: int) -> np.ndarray:
+    """``core`` grown a pixel at a time (at most ``steps``) into the ``allowed`` pixels it touches, small gaps filled."""
     mask = core
-    for _ in range(LOSSY_THIN_REACH):
-        add = _dilate(mask, 0) & ~mask & closer
+    for _ in range(steps):
+        add = _dilate(mask, 0) & ~mask & allowed
         if not add.any():
             break
         mask = mask | add
