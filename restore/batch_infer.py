@@ -133,7 +133,7 @@ def check_checkpoints(paths: Sequence[Path]) -> list[dict]:
     """Load each checkpoint once in the driver so a missing or mismatched one fails before any Ray work starts, and
     hash its bytes (the records' checkpoint identity)."""
     from restore.model import load_restorer
-    from restore.records import file_sha256
+    from shards.schema import file_sha256
 
     specs = []
     for path in paths:
@@ -424,7 +424,7 @@ def _finish(args: argparse.Namespace, plan: Plan, rows: list[dict], png_dir: Pat
               f"hist_sim {result['hist_sim']:.4f}  (n={result['n']}, degenerate={result['n_degenerate']})")
 
     if gallery_dir is not None:
-        from restore.gallery import write_pages
+        from restore.gallery import PER_PAGE, write_pages
 
         entries = [{**{c: by_key[k][c] for c in ("key", "height", "width", "mask_source", "hole_frac", "note")},
                     "reused": by_key[k]["status"] == DONE} for k in good]
@@ -438,7 +438,7 @@ def _finish(args: argparse.Namespace, plan: Plan, rows: list[dict], png_dir: Pat
                             bad=[{"key": r["key"], "where": r["where"], "error": r["error"]} for r in bad],
                             summary_lines=lines)
         summary["gallery"] = str(index)
-        print(f"gallery: {index} ({len(entries)} images, {-(-len(entries) // 48) or 1} pages)")
+        print(f"gallery: {index} ({len(entries)} images, {-(-len(entries) // PER_PAGE) or 1} pages)")
 
     for note in summary["notes"][:NOTES_SHOWN]:
         print(f"note: {note}")

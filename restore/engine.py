@@ -122,10 +122,11 @@ class Engine:
         """Whether an image of this size takes the bounded-memory path (``restore.large_image``)."""
         return self._is_large(height, width, self.large_above)
 
-    def restore(self, gray: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """``gray`` uint8 [B,H,W], ``mask`` [B,H,W] (nonzero = hole) -> RGB uint8 [B,H,W,3]."""
+    def restore(self, gray: np.ndarray, mask: np.ndarray, names: Sequence[str] | None = None) -> np.ndarray:
+        """``gray`` uint8 [B,H,W], ``mask`` [B,H,W] (nonzero = hole) -> RGB uint8 [B,H,W,3]. ``names`` (the images'
+        keys) only label the log line of each large image."""
         if gray.ndim == 3 and self.is_large(*gray.shape[1:]):
-            return self._restore_large(gray, mask)
+            return self._restore_large(gray, mask, names)
         step = self.batch_size or max(len(gray), 1)
         parts = []
         for first in range(0, len(gray), step):
@@ -142,13 +143,13 @@ class Engine:
                     self.cache_log.append(line)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)  # one call: no copy
 
-    def _restore_large(self, gray: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def _restore_large(self, gray: np.ndarray, mask: np.ndarray, names: Sequence[str] | None) -> np.ndarray:
         """Each image on its own through ``restore.large_image`` (never stacked into one model call)."""
         if self.cuda:  # crops of every shape: cuDNN's autotuner would search anew for each
             self.torch.backends.cudnn.benchmark = False
         out = np.empty((*gray.shape, 3), np.uint8)
         for i in range(len(gray)):
-            self.large.restore(gray[i], mask[i], out=out[i])
+            self.large.restore(gray[i], mask[i], name=names[i] if names else "", out=out[i])
             self.forward_passes += len(self.models) * (2 if self.tta else 1)
         return out
 
@@ -214,7 +215,6 @@ def _hold_conv_weights_in(model, dtype) -> None:
     profile, 2026-11-26). Autocast leaves a tensor that is already bf16 as it is, and the cast gives the same values
     it would give, so the outputs do not change. Normalization layers keep their fp32 parameters and statistics, as
     under autocast alone."""
-    import torch
     from torch import nn
 
     for layer in model.modules():

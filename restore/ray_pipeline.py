@@ -23,6 +23,7 @@ import numpy as np
 
 from restore.engine import Engine
 from restore.inputs import _EMPTY_RGB, BAD, DONE, ROW_COLUMNS, TODO, BadInput, Plan, output_png, read_item
+from restore.records import png_stamp
 from shards import schema
 
 SCORE_TERMS = ("score", "ssim", "masked_ssim", "hist_sim")
@@ -78,7 +79,8 @@ class RestoreWorker:
         out = None
         for idx in by_shape.values():
             start = time.perf_counter()
-            out = self.engine.restore(_stacked(batch["input"], idx), _stacked(batch["mask"], idx))
+            out = self.engine.restore(_stacked(batch["input"], idx), _stacked(batch["mask"], idx),
+                                      [batch["key"][i] for i in idx])
             model_s = time.perf_counter() - start
             self._model_s += model_s
             per_image = model_s / len(idx)
@@ -164,8 +166,7 @@ def write_outputs(batch: dict[str, np.ndarray], *, png_dir: str, score: bool, co
             start = time.perf_counter()
             pred = np.asarray(batch["rgb"][i], dtype=np.uint8)
             schema.atomic_write_bytes(path, schema.encode_png(pred, "RGB", compression))
-            st = os.stat(path)
-            png_size[i], png_mtime_ns[i] = st.st_size, st.st_mtime_ns
+            png_size[i], png_mtime_ns[i] = png_stamp(path)
             encode_s[i] = time.perf_counter() - start
         elif status == DONE and (score or gallery_dir):
             pred = schema.decode_png(path.read_bytes(), "RGB", str(path))

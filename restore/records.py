@@ -38,14 +38,6 @@ PIXEL_CODE = ("restore/engine.py", "restore/model.py", "restore/composite.py", "
 _ROOT = Path(__file__).resolve().parent.parent
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _strip_docstrings(tree: ast.AST) -> ast.AST:
     for node in ast.walk(tree):
         body = getattr(node, "body", None)

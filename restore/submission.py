@@ -7,13 +7,13 @@ have none, so its zip stays flat.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Sequence
 
 from PIL import Image
+
+from shards.schema import atomic_write
 
 
 def build_zip(png_dir: Path, keys: Sequence[str], sizes: dict[str, tuple[int, int]], out: Path,
@@ -26,20 +26,15 @@ def build_zip(png_dir: Path, keys: Sequence[str], sizes: dict[str, tuple[int, in
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.*.tmp"):  # a zip temp left by a crashed run
         stale.unlink(missing_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+
+    def write_entries(f) -> None:
         # PNG is compressed already: storing is as small and much faster than deflating again.
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as zf:
             for key in keys:
                 zf.write(png_dir / f"{key}.png", arcname=f"{key}.png")
             zf.comment = comment.encode()[:65535]
-        verify_zip(tmp, keys, sizes)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    atomic_write(out, write_entries, check=lambda tmp: verify_zip(tmp, keys, sizes))
 
 
 def verify_zip(path: Path, keys: Sequence[str], sizes: dict[str, tuple[int, int]]) -> None:

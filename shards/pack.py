@@ -47,6 +47,7 @@ from .schema import (
     atomic_write_json,
     encode_mask,
     encode_png,
+    file_sha256,
     tar_safe_key,
 )
 
@@ -243,14 +244,6 @@ def _tar_info(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class ShardWriter:
     """Writes ``<split>-NNNNNN.tar`` files of ``shard_size`` samples, each under a temp name until complete."""
 
@@ -286,7 +279,7 @@ class ShardWriter:
         final = self.split_dir / name
         os.replace(self._tmp, final)
         self.shards.append(
-            {"name": name, "count": len(self._keys), "sha256": _sha256(final), "bytes": final.stat().st_size,
+            {"name": name, "count": len(self._keys), "sha256": file_sha256(final), "bytes": final.stat().st_size,
              "keys": list(self._keys)}
         )
         self._tar, self._tmp = None, None

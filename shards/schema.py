@@ -11,6 +11,7 @@ Only numpy, OpenCV, Pillow and the deflate libraries are imported here so that e
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -260,8 +261,19 @@ def decode_mask(data: bytes, what: str = "mask") -> np.ndarray:
     return decode_png(data, "L", what) > 127
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
-    """Call ``write(file)`` on a temp file beside ``path``, fsync, rename: ``path`` is complete or absent."""
+def file_sha256(path: str | os.PathLike) -> str:
+    """The hex SHA-256 of a file's bytes, read in 1 MiB blocks (shard manifests, checkpoints, reuse records)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None],
+                 check: Callable[[Path], None] | None = None) -> None:
+    """Call ``write(file)`` on a temp file beside ``path``, fsync, ``check(temp path)`` if given (raise to keep
+    ``path`` as it was), rename: ``path`` is complete or absent."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -270,6 +282,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if check is not None:
+            check(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -565,8 +565,8 @@ def test_actor_hands_the_engines_array_on_when_every_row_was_restored(ckpt):
     returned = []
     restore = worker.engine.restore
 
-    def spy(gray, mask):  # the real engine, its result recorded
-        returned.append(restore(gray, mask))
+    def spy(gray, mask, names=None):  # the real engine, its result recorded
+        returned.append(restore(gray, mask, names))
         return returned[-1]
 
     worker.engine.restore = spy

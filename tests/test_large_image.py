@@ -236,14 +236,14 @@ def test_engine_restores_each_large_image_alone_as_large_image_does(ckpt):
     assert engine.is_large(600, 800) and not engine.is_large(500, 700)  # 0.48 and 0.35 MP around 0.4
 
 
-def test_actor_never_stacks_large_images_into_one_call(ckpt):
+def test_actor_never_stacks_large_images_into_one_call(ckpt, capsys):
     from restore import inputs, ray_pipeline
 
     worker = ray_pipeline.RestoreWorker([str(ckpt)], tta=False, composite=True, keep_gt=False, batch_size=4,
                                         work_size=128, large_above=0.01)
     calls = []
     restore = worker.engine.restore
-    worker.engine.restore = lambda gray, mask: calls.append(gray.shape) or restore(gray, mask)
+    worker.engine.restore = lambda gray, mask, names: calls.append(gray.shape) or restore(gray, mask, names)
     shapes = [(120, 100), (120, 100), (40, 40), (40, 40)]  # two large (0.012 MP), two small
     rows = [inputs._row(f"k{i}", "s", inputs.TODO, size=s, gray=np.full(s, 128, np.uint8),
                         mask=np.zeros(s, np.uint8)) for i, s in enumerate(shapes)]
@@ -257,3 +257,5 @@ def test_actor_never_stacks_large_images_into_one_call(ckpt):
     result = worker(batch)
     assert sorted(calls) == [(1, 120, 100), (1, 120, 100), (2, 40, 40)]
     assert [r.shape for r in result["rgb"]] == [(*s, 3) for s in shapes]
+    logged = capsys.readouterr().out  # each large image's line names its key
+    assert "large image k0 100x120:" in logged and "large image k1 100x120:" in logged
