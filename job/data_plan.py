@@ -115,11 +115,11 @@ def read_split(shards_dir: Path, cfg: Config) -> Split:
     train_dir, val_dir = shards_dir / "train", shards_dir / "val"
     try:
         train_manifest = read_manifest(train_dir)
-        shard_paths(train_dir)
+        shard_paths(train_dir, train_manifest)
         val_manifest = None
         if val_dir.exists():
             val_manifest = read_manifest(val_dir)
-            shard_paths(val_dir)
+            shard_paths(val_dir, val_manifest)
     except (OSError, ValueError) as exc:
         raise InputError(str(exc)) from exc
     return split_from_manifests(cfg, train_dir, train_manifest, val_dir if val_manifest is not None else None,
@@ -147,7 +147,6 @@ class DataPlan:
     folds: dict | None  # what RUN/folds.json records when a fold of train is held out
     val_keys: tuple[str, ...] = ()  # this rank's validation keys, in manifest order (rank 0: the first ones)
     picture_keys: tuple[str, ...] = ()  # those of its keys among the world's first ``val_images`` (the pictures)
-    train_shared: bool = False  # every rank draws from all training shards (too few shards to split)
 
 
 def rank_plan(split: Split, cfg: Config, rank: int, world: int) -> DataPlan:
@@ -159,8 +158,7 @@ def rank_plan(split: Split, cfg: Config, rank: int, world: int) -> DataPlan:
         train_urls=train_urls, train_keep=pipeline.KeyFilter(only=split.train_keys), num_train=split.num_train,
         val_urls=val_urls, val_keep=pipeline.KeyFilter(only=frozenset(val_keys)), num_val=split.num_val,
         val_workers=min(cfg.data.num_workers, len(val_urls)), folds=split.folds, val_keys=val_keys,
-        picture_keys=val_keys[: max(0, cfg.data.val_images - share.start)],
-        train_shared=world > 1 and len(train_urls) == len(split.train_urls))
+        picture_keys=val_keys[: max(0, cfg.data.val_images - share.start)])
 
 
 def plan_data(shards_dir: Path, cfg: Config, rank: int, world: int) -> DataPlan:

@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.run import get_args_parser, run
 
     from job import train
+    from job.run_log import PREEMPTED
 
     parser = get_args_parser()
     parser.prog = "python -m job.torchrun"
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     except ChildFailedError as exc:
         return failure_exit(exc, job_args.out, started)
     except SignalException as exc:  # torchrun itself was signalled: it stopped the ranks (they checkpoint first)
-        if _fresh(job_args.out / "preempted.json", started):
+        if _fresh(job_args.out / PREEMPTED, started):
             print(f"job.torchrun: stopped by {exc.sigval.name} after a checkpoint; rerun the same command to "
                   f"continue (exit 75)", file=sys.stderr, flush=True)
             return 75

@@ -65,7 +65,6 @@ class Launch:
     spec: ModelSpec
     split: Split
     world: int
-    steps_per_epoch: int
     total_steps: int
     precision: str | None  # None when the device was not checked
     resume_from: Path | None
@@ -98,8 +97,8 @@ def check(shards: Path, out: Path | None, overrides: list[str], world: int, devi
     if out is not None and out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a directory")
     split = read_split(shards, cfg)
-    per_epoch, total = schedule_steps(cfg, split.num_train, world)
-    launch = Launch(cfg, spec, split, world, per_epoch, total, precision, None, None, 0, "new", "a new run")
+    total = schedule_steps(cfg, split.num_train, world)[1]
+    launch = Launch(cfg, spec, split, world, total, precision, None, None, 0, "new", "a new run")
     if out is None:
         launch.note = "no run dir given"
         return launch

@@ -152,12 +152,9 @@ class Trainer:
         }
 
     def load(self, path: Path, state: dict | None = None) -> str | None:
-        """Continue from checkpoint ``path`` (``state``: its contents when already read); a line to log when the
-        run is extended beyond the total it was planned for."""
+        """Continue from checkpoint ``path`` (``state``: its contents when already read, and its model checked by
+        ``job.train.check``); a line to log when the run is extended beyond the total it was planned for."""
         state = ckpt.load_checkpoint(path, map_location="cpu") if state is None else state
-        if state["model_spec"] != self.spec.to_dict():
-            raise InputError(f"{path}: model_spec {state['model_spec']} differs from this config's "
-                             f"{self.spec.to_dict()}")
         self.model.load_state_dict(state["model"])
         if self.ema is not None:
             self.ema.module.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
@@ -268,9 +265,8 @@ class Trainer:
             (self.run_dir / DONE).unlink(missing_ok=True)  # an extended run is not done until it ends again
         for sig in PREEMPT_SIGNALS:
             signal.signal(sig, self.on_signal)
-        self.log.print(f"training {self.total_steps} steps ({self.steps_per_epoch}/epoch, {self.world} rank(s) x "
-                       f"batch {self.cfg.data.batch_size}), {self.plan.num_train} train / {self.plan.num_val} val "
-                       f"samples, precision {self.precision}, compile {self.compile}, device {self.device}")
+        # the steps, ranks and samples: job.train's plan lines just before
+        self.log.print(f"training: precision {self.precision}, compile {self.compile}, device {self.device}")
         if self.compile_cache is not None:
             for line in self.compile_cache.load():  # every rank: each compiles for itself
                 self.log.print(line)

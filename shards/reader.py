@@ -45,10 +45,11 @@ def read_manifest(split_dir: str | os.PathLike) -> dict:
     return manifest
 
 
-def shard_paths(split_dir: str | os.PathLike) -> list[Path]:
-    """The split's tar files in manifest order; every listed file must exist and the list must not be empty."""
+def shard_paths(split_dir: str | os.PathLike, manifest: dict | None = None) -> list[Path]:
+    """The split's tar files in manifest order (``manifest``: the split's, when already read); every listed file
+    must exist and the list must not be empty."""
     split_dir = Path(split_dir)
-    manifest = read_manifest(split_dir)
+    manifest = read_manifest(split_dir) if manifest is None else manifest
     paths = [split_dir / entry["name"] for entry in manifest["shards"]]
     if not paths:
         raise ValueError(f"{split_dir / MANIFEST_NAME}: the manifest lists no shards (empty split)")
