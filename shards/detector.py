@@ -255,7 +255,7 @@ def _lossy_candidates(gray: np.ndarray, need: int, max_fraction: float) -> list[
     on its own; the hard-edged ones lying near each other are judged again together (JPEG breaks a polygon's thin
     necks), and each alone when the union fails.
     """
-    flat = _max_neighbour_step(gray) == 0
+    flat = cv2.erode(gray, _kernel(0)) == cv2.dilate(gray, _kernel(0))  # equal to every 4-neighbour
     counts = np.bincount(gray[flat], minlength=256)
     # A fill is a spike among the flat pixels' values; a smooth natural area spreads over neighbouring values.
     spread = ndimage.median_filter(counts, size=7, mode="constant")
@@ -278,7 +278,8 @@ def _lossy_candidates(gray: np.ndarray, need: int, max_fraction: float) -> list[
             big = seed_stats[:, cv2.CC_STAT_AREA] >= 16  # one 4x4 patch of the exact value at least
             big[0] = False
             seeds = big[seed_labels]
-        core = _grow_within(seeds, np.abs(g16 - value) <= LOSSY_TOLERANCE, LOSSY_REACH)
+        near = np.abs(g16 - value) <= LOSSY_TOLERANCE
+        core = _grow(seeds & near, near, LOSSY_REACH)
         may_hold = grid.may_hold(value)
         _, labels, stats, _ = cv2.connectedComponentsWithStats(_u8(_dilate(core, _GROUP_PX)), connectivity=4)
         pieces: list[_Candidate] = []
@@ -451,17 +452,6 @@ def _nothing_found(examined, need, min_fraction, min_pixels, largest, lossy) -> 
 
 
 # -------------------------------------------------------------------------------------------------------- lossy masks
-def _grow_within(seed: np.ndarray, allowed: np.ndarray, steps: int) -> np.ndarray:
-    """``seed`` grown through 4-neighbours in ``allowed``, at most ``steps`` px."""
-    mask = seed & allowed
-    for _ in range(steps):
-        grown = _dilate(mask, 0) & allowed
-        if np.array_equal(grown, mask):
-            break
-        mask = grown
-    return mask
-
-
 def _grow_to_edge(g8: np.ndarray, core: np.ndarray, fill: int) -> np.ndarray:
     """The hole behind a JPEG-ringing ``core``: grown ``LOSSY_EDGE_PX`` layers outward, a pixel joining when its gray
     is closer to the fill than to the photo just outside (the local mean of the median-filtered gray a few px beyond
@@ -494,14 +484,19 @@ def _grow_thin(g8: np.ndarray, core: np.ndarray, fill: int, may_hold: np.ndarray
 
 
 def _grow_through(core: np.ndarray, allowed: np.ndarray, steps: int) -> np.ndarray:
-    """``core`` grown a pixel at a time (at most ``steps``) into the ``allowed`` pixels it touches, small gaps filled."""
+    """``core`` grown into the ``allowed`` pixels it touches (``_grow``), small gaps filled."""
+    return _fill_small_holes(_grow(core, allowed, steps))
+
+
+def _grow(core: np.ndarray, allowed: np.ndarray, steps: int) -> np.ndarray:
+    """``core`` grown through 4-neighbours into ``allowed`` pixels, a pixel at a time, at most ``steps`` px."""
     mask = core
     for _ in range(steps):
         add = _dilate(mask, 0) & ~mask & allowed
         if not add.any():
             break
         mask = mask | add
-    return _fill_small_holes(mask)
+    return mask
 
 
 def _fill_small_holes(region: np.ndarray) -> np.ndarray:
@@ -627,19 +622,6 @@ def _grid_offset(gray: np.ndarray) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------------------------------------------------- helpers
-def _max_neighbour_step(gray: np.ndarray) -> np.ndarray:
-    """Per pixel, the largest absolute difference to a 4-neighbour."""
-    g = gray.astype(np.int16)
-    out = np.zeros(g.shape, np.int16)
-    across = np.abs(np.diff(g, axis=1))
-    down = np.abs(np.diff(g, axis=0))
-    np.maximum(out[:, :-1], across, out=out[:, :-1])
-    np.maximum(out[:, 1:], across, out=out[:, 1:])
-    np.maximum(out[:-1], down, out=out[:-1])
-    np.maximum(out[1:], down, out=out[1:])
-    return out
-
-
 def _u8(mask: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(mask, dtype=np.uint8)
 
