@@ -16,8 +16,9 @@ Photos (real, no download):
 (b) DACON-style damage: ``--damaged`` 512x512 crops of the photos, each with ``shards.damage.random_mask`` (1-15%,
 all shapes) filled with ``random_fill`` (0-100), as PNG and JPEG q90/q75. Recall: detections with IoU >= 0.5 against
 the drawn mask; mean IoU counts a miss as 0.
-Detectors: ``old`` (the algorithm before issue 25, kept below), ``new auto`` (``detect_damage(gray)``: exact, then
-lossy) and ``new hinted`` (``lossy=False`` for PNG, ``True`` for JPEG: what a caller that knows the file type gets).
+Detectors: ``old`` (the algorithm before issue 25, kept below), ``new exact`` (``detect_damage(gray)``: the lossless
+search only, the packer's default), ``new hinted`` (``lossy=False`` for PNG, ``True`` for JPEG: what a caller that
+knows the file type gets) and ``new auto`` (``lossy=None``: exact, then lossy when nothing exact qualifies).
 With ``--dacon DIR`` (train_input/, train_gt/, test_input/), also the real competition samples.
 """
 from __future__ import annotations

@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from report import emit  # noqa: E402  (bench/report.py, beside this script)
+from shards.schema import atomic_write_json  # noqa: E402
 
 # Debian packages and the photos in them (paths inside the package). Two of lomiri-16.04's files are renders.
 HELD_PACKAGES = {
@@ -115,11 +116,11 @@ def write_held_crops(photos: list[Path], out_dir: Path, size: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------ training
-def train_recipe(name: str, recipe: str, overrides: list[str], work: Path, *, cache: Path | None, tiny: bool,
-                 extra_dirs: list[Path], reuse: bool = False) -> dict:
+def train_recipe(name: str, recipe: str, overrides: list[str], work: Path, *, tiny: bool, extra_dirs: list[Path],
+                 reuse: bool = False) -> dict:
     """Train one recipe with the real job: the demo's data and CPU recipe, plus the recipe's photos, steps and
-    ``overrides``. Returns the run dir and the wall time. With ``reuse``, a finished run of the same command (its
-    ``WORK/NAME/trained.json`` and ``run/done.json``) is scored again instead of retrained."""
+    ``overrides``. Returns the run dir and the wall time. With ``reuse``, a finished run of the same command on the
+    same photos (its ``WORK/NAME/trained.json`` and ``run/done.json``) is scored again instead of retrained."""
     from launch.demo import CPU_RECIPE, CPU_STEPS, validation_interval, write_demo_shards
 
     out = work / name
@@ -141,7 +142,7 @@ def train_recipe(name: str, recipe: str, overrides: list[str], work: Path, *, ca
     record = out / "trained.json"
     if reuse and (run_dir / "done.json").exists() and record.exists():
         done = json.loads(record.read_text())
-        if done.get("command") == info["command"]:
+        if all(done.get(k) == info[k] for k in ("command", "photos")):  # the photos: --extra-photos is not in the command
             print(f"quality: reusing {name}: {run_dir} finished the same command", flush=True)
             return done
     shutil.rmtree(out, ignore_errors=True)
@@ -154,7 +155,7 @@ def train_recipe(name: str, recipe: str, overrides: list[str], work: Path, *, ca
     if code != 0:
         raise SystemExit(f"quality: training {name} failed (exit {code}); log: {out / 'train.log'}")
     info["train_s"] = round(time.time() - t0, 1)
-    record.write_text(json.dumps(info, indent=2) + "\n")
+    atomic_write_json(record, info)
     return info
 
 
@@ -252,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = list(args.extra_photos)
     if any(r == "quality" for _, r, _ in plans) and not extra and not args.tiny:
         extra = [p.parent for p in fetch_packages(TRAIN_PACKAGES, args.cache)[:1]]
-    models = [train_recipe(name, recipe, over, work, cache=args.cache, tiny=args.tiny, extra_dirs=extra,
+    models = [train_recipe(name, recipe, over, work, tiny=args.tiny, extra_dirs=extra,
                            reuse=args.reuse)
               for name, recipe, over in plans]
     scores = score_all(held_shards / "train", models, work / "quality_grid.png")
