@@ -20,6 +20,8 @@ Formulations (``--formulations``):
                 cross-entropy (lambda 0.5, in-batch smoothed prior), annealed-mean decoding (T 0.38) + 0.1 hue loss
   classes_flat  the same without rebalancing
 Training windows are zoomed out (a 40-100% square of a photo shrunk to the crop), as ``zoom_max`` does in the job.
+A second held-out set (``--nature-dir``, default the 12 nature photos of ``mate-backgrounds``, which the demo's
+photos do not include) is scored the same way when held-out photos are not given: meadows, leaves and water.
 ``--work-size`` colorizes at a lower resolution and lays the chroma on the full-resolution luma (DeOldify's render
 factor). Prints a table, writes ``WORK/color_study.json`` and ``WORK/color_grid.png`` (truth | each formulation).
 """
@@ -209,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from PIL import Image
 
-    from quality import HELD_PACKAGES, fetch_packages, write_held_crops  # bench/quality.py, beside this script
+    from quality import HELD_PACKAGES, TRAIN_PACKAGES, fetch_packages, write_held_crops  # bench/quality.py
     from launch.demo import TRAIN_PHOTOS
     from restore.score import score_image, summarize
     from shards.damage import random_mask, to_gray
@@ -228,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work-size", type=int, default=0, help="colorize at this size, chroma upsampled (0: full)")
     ap.add_argument("--extra-photos", type=Path, action="append", default=[])
     ap.add_argument("--held-dir", type=Path)
+    ap.add_argument("--nature-dir", type=Path, help="second held-out set (default: mate-backgrounds' nature photos, "
+                    "which the demo never trains on; none with --held-dir/--tiny)")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "restore-bench")
     ap.add_argument("--work", type=Path, default=Path("bench_quality"))
     ap.add_argument("--tiny", action="store_true", help="smoke: 2 steps, tiny encoder, 64 px")
@@ -245,35 +249,51 @@ def main(argv: list[str] | None = None) -> int:
 
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    held_dir = work / "color_held"
-    photos = (sorted(p for p in args.held_dir.iterdir() if p.is_file()) if args.held_dir
-              else fetch_packages(HELD_PACKAGES, args.cache))
-    shutil.rmtree(held_dir, ignore_errors=True)
-    write_held_crops(photos, held_dir, size)
-    held = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(held_dir.iterdir())]
+    def crops_of(photos: list[Path], name: str) -> list[np.ndarray]:
+        folder = work / name
+        shutil.rmtree(folder, ignore_errors=True)
+        write_held_crops(photos, folder, size)
+        return [np.asarray(Image.open(p).convert("RGB")) for p in sorted(folder.iterdir())]
+
+    held = crops_of(sorted(p for p in args.held_dir.iterdir() if p.is_file()) if args.held_dir
+                    else fetch_packages(HELD_PACKAGES, args.cache), "color_held")
+    if args.nature_dir:
+        nature = crops_of(sorted(p for p in args.nature_dir.iterdir() if p.is_file()), "color_nature")
+    elif args.held_dir or args.tiny:
+        nature = []
+    else:
+        nature = crops_of(fetch_packages(TRAIN_PACKAGES, args.cache), "color_nature")
     train_photos = [load_photo(n) for n in TRAIN_PHOTOS]
     for folder in args.extra_photos:
         train_photos += [np.asarray(Image.open(p).convert("RGB")) for p in list_photos(folder)]
     rng = np.random.default_rng(11)
     masks = [random_mask(rng, size, size, area_range=(0.01, 0.13))[0] for _ in held]
+    nature_masks = [random_mask(rng, size, size, area_range=(0.01, 0.13))[0] for _ in nature]
 
     results, rows = {}, [[h for h in held[:4]]]
     gray_scores = [score_image(h, np.repeat(to_gray(h)[..., None], 3, -1), m) for h, m in zip(held, masks)]
     results["gray copy"] = summarize(gray_scores)
+    if nature:
+        results["gray copy"]["nature"] = summarize(
+            [score_image(h, np.repeat(to_gray(h)[..., None], 3, -1), m) for h, m in zip(nature, nature_masks)])
     for f in formulations:
         t0 = time.time()
         model = train(f, train_photos, args)
         preds = [colorize(model, to_gray(h), args.work_size) for h in held]
         results[f] = {**summarize([score_image(h, p, m) for h, p, m in zip(held, preds, masks)]),
                       "train_s": round(time.time() - t0, 1)}
+        if nature:
+            results[f]["nature"] = summarize([score_image(h, colorize(model, to_gray(h), args.work_size), m)
+                                              for h, m in zip(nature, nature_masks)])
         rows.append(preds[:4])
         print(f"color_study: {f}: score {results[f]['score']:.4f} hist {results[f]['hist_sim']:.4f} "
               f"({results[f]['train_s']:.0f} s)", flush=True)
     Image.fromarray(np.concatenate([np.concatenate(r, axis=0) for r in rows], axis=1)).save(work / "color_grid.png")
     print(f"\n{'stage 2 alone, ' + str(len(held)) + ' held-out crops':34s} {'score':>7s} {'ssim':>7s} {'masked':>7s} "
-          f"{'hist':>7s}")
+          f"{'hist':>7s}" + (f" | {len(nature)} nature crops: score, hist" if nature else ""))
     for name, s in results.items():
-        print(f"{name:34s} {s['score']:7.4f} {s['ssim']:7.4f} {s['masked_ssim']:7.4f} {s['hist_sim']:7.4f}")
+        print(f"{name:34s} {s['score']:7.4f} {s['ssim']:7.4f} {s['masked_ssim']:7.4f} {s['hist_sim']:7.4f}"
+              + (f" | {s['nature']['score']:7.4f} {s['nature']['hist_sim']:7.4f}" if nature else ""))
     result = {"steps": args.steps, "seed": args.seed, "photos": len(train_photos), "work_size": args.work_size, "scores": results}
     (work / "color_study.json").write_text(json.dumps(result, indent=2) + "\n")
     emit(result, args.json)

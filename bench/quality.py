@@ -19,6 +19,11 @@ Recipes (each trains with the real job under torchrun, 2 gloo ranks, the demo's 
            fetched), 8 crops each, 1600 steps (~12 min on 2 cores)
   --variant NAME=RECIPE:key=value,...  a recipe with job overrides (e.g. ``prefill=none``), to measure one choice
 
+Second held-out set, for the models that did not train on it: the 12 nature photos of ``mate-backgrounds`` (the
+quality recipe's extra training photos, so only the demo recipe and its variants are scored there): meadows, leaves,
+water, flowers, a hue mix the lomiri photos (warm light, many sunsets) lack. Packed and scored the same way; its own
+table (``scores_nature`` in the JSON). Skipped with ``--held-dir`` or ``--tiny`` unless ``--nature-dir`` names a folder.
+
 Every model restores the held-out inputs through the inference engine (``Engine``: both stages, the known luminance
 re-imposed outside the hole), scored by ``restore.score`` beside three baselines: the gray input copied to RGB, OpenCV
 Telea inpainting (gray), and the harmonic fill stage 1 starts from (``restore.prefill``, gray). Prints a table, writes
@@ -115,6 +120,20 @@ def write_held_crops(photos: list[Path], out_dir: Path, size: int) -> int:
     return n
 
 
+def pack_held(photos: list[Path], work: Path, name: str, size: int) -> tuple[Path, int]:
+    """Two crops of each photo in ``WORK/NAME_photos``, packed with DACON-style damage into ``WORK/NAME_shards``."""
+    crops = work / f"{name}_photos"
+    shutil.rmtree(crops, ignore_errors=True)
+    n = write_held_crops(photos, crops, size)
+    shards = work / f"{name}_shards"
+    subprocess.run([sys.executable, "-m", "shards.pack", "photos", str(crops), str(shards), "--seed",
+                    str(HELD_SEED), "--size", str(size), "--shard-size", "64"], cwd=ROOT, check=True,
+                   capture_output=True)
+    print(f"quality: {n} held-out crops of {len(photos)} photos packed with DACON-style damage in "
+          f"{shards / 'train'}", flush=True)
+    return shards, n
+
+
 # ------------------------------------------------------------------------------------------------------ training
 def train_recipe(name: str, recipe: str, overrides: list[str], work: Path, *, tiny: bool, extra_dirs: list[Path],
                  reuse: bool = False) -> dict:
@@ -197,14 +216,14 @@ def score_all(held_split: Path, models: list[dict], grid_path: Path, grid_rows: 
     return {name: summarize(scores) for name, scores in per.items()}
 
 
-def print_table(scores: dict[str, dict], models: list[dict]) -> None:
+def print_table(scores: dict[str, dict], models: list[dict], describe: bool = True) -> None:
     gray = scores["gray copy"]["score"]
     print(f"\n{'on ' + str(scores['gray copy']['n']) + ' held-out images':44s} {'score':>7s} {'- gray':>7s} "
           f"{'ssim':>7s} {'masked':>7s} {'hist':>7s}")
     for name, s in scores.items():
         print(f"{name:44s} {s['score']:7.4f} {s['score'] - gray:+7.4f} {s['ssim']:7.4f} {s['masked_ssim']:7.4f} "
               f"{s['hist_sim']:7.4f}")
-    for m in models:
+    for m in models if describe else []:
         print(f"  {m['name']}: recipe {m['recipe']}, {m['steps']} steps, photos {m['photos']}, "
               f"overrides {' '.join(m['overrides']) or '-'}, trained in {m['train_s']:.0f} s")
 
@@ -217,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "restore-bench",
                     help="where the Debian packages are downloaded and unpacked")
     ap.add_argument("--held-dir", type=Path, help="held-out photos (default: the lomiri wallpaper photos)")
+    ap.add_argument("--nature-dir", type=Path,
+                    help="second held-out set (default: mate-backgrounds' nature photos; none with --held-dir/--tiny)")
     ap.add_argument("--extra-photos", type=Path, action="append", default=[],
                     help="the quality recipe's extra training photos (default: mate-backgrounds' nature photos)")
     ap.add_argument("--work", type=Path, default=Path("bench_quality"), help="shards, runs and results go here")
@@ -231,15 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     size = 64 if args.tiny else 512
     held_photos = (sorted(p for p in args.held_dir.iterdir() if p.is_file()) if args.held_dir
                    else fetch_packages(HELD_PACKAGES, args.cache))
-    held_crops = work / "held_photos"
-    shutil.rmtree(held_crops, ignore_errors=True)
-    n = write_held_crops(held_photos, held_crops, size)
-    held_shards = work / "held_shards"
-    subprocess.run([sys.executable, "-m", "shards.pack", "photos", str(held_crops), str(held_shards), "--seed",
-                    str(HELD_SEED), "--size", str(size), "--shard-size", "64"], cwd=ROOT, check=True,
-                   capture_output=True)
-    print(f"quality: {n} held-out crops of {len(held_photos)} photos packed with DACON-style damage in "
-          f"{held_shards / 'train'}", flush=True)
+    held_shards, n = pack_held(held_photos, work, "held", size)
+    if args.nature_dir:
+        nature_photos = sorted(p for p in args.nature_dir.iterdir() if p.is_file())
+    elif args.held_dir or args.tiny:
+        nature_photos = []
+    else:
+        nature_photos = sorted(p for p in fetch_packages(TRAIN_PACKAGES, args.cache) if p.is_file())
+    nature_shards, n_nature = pack_held(nature_photos, work, "nature", size) if nature_photos else (None, 0)
 
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     plans = [(r, r, []) for r in recipes]
@@ -260,6 +280,16 @@ def main(argv: list[str] | None = None) -> int:
     print_table(scores, models)
     result = {"held": {"photos": [str(p) for p in held_photos], "crops": n, "size": size}, "models": models,
               "scores": scores}
+    if nature_shards is not None:
+        # only the models that never saw these photos (the quality recipe trains on mate's nature photos)
+        folders = {str(p.parent) for p in nature_photos}
+        unseen = [m for m in models if not any(f in m["photos"] for f in folders)]
+        nature = score_all(nature_shards / "train", unseen, work / "quality_grid_nature.png")
+        print(f"\nsecond held-out set: {n_nature} crops of {len(nature_photos)} nature photos, models that did not "
+              f"train on them")
+        print_table(nature, unseen, describe=False)
+        result["held_nature"] = {"photos": [str(p) for p in nature_photos], "crops": n_nature, "size": size}
+        result["scores_nature"] = nature
     (work / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"\npicture: {work / 'quality_grid.png'} (damaged | harmonic fill | {' | '.join(m['name'] for m in models)}"
           f" | truth)")

@@ -232,8 +232,11 @@ def test_quality_tiny_scores_each_model_beside_the_three_baselines(tmp_path):
     held.mkdir()
     for name in ("hubble_deep_field", "retina"):  # not among the demo's training photos
         Image.fromarray(load_photo(name)).save(held / f"{name}.png")
-    res = bench("quality.py", "--tiny", "--held-dir", held, "--work", tmp_path / "work", "--recipes", "demo",
-                "--variant", "noprefill=demo:prefill=none", "--json", tmp_path / "q.json")
+    nature = tmp_path / "nature"
+    nature.mkdir()
+    Image.fromarray(load_photo("immunohistochemistry")).save(nature / "ihc.png")
+    res = bench("quality.py", "--tiny", "--held-dir", held, "--nature-dir", nature, "--work", tmp_path / "work",
+                "--recipes", "demo", "--variant", "noprefill=demo:prefill=none", "--json", tmp_path / "q.json")
     out = json.loads((tmp_path / "q.json").read_text())
     assert json.loads(res.stdout.strip().splitlines()[-1]) == out
     assert out["held"]["crops"] == 4  # two crops of each held-out photo
@@ -241,6 +244,10 @@ def test_quality_tiny_scores_each_model_beside_the_three_baselines(tmp_path):
                                    "demo", "noprefill"]
     for s in out["scores"].values():
         assert s["n"] == 4 and 0 <= s["score"] <= 1
+    # the second held-out set gets its own table, the same rows (no model trained on it), two crops of its photo
+    assert list(out["scores_nature"]) == list(out["scores"]) and out["held_nature"]["crops"] == 2
+    assert all(s["n"] == 2 for s in out["scores_nature"].values())
+    assert (tmp_path / "work" / "quality_grid_nature.png").is_file() and "second held-out set" in res.stdout
     assert [m["overrides"] for m in out["models"]] == [[], ["prefill=none"]]
     cfg = json.loads((tmp_path / "work" / "noprefill" / "run" / "config.json").read_text())
     assert cfg["model"]["prefill"] == "none"
@@ -264,12 +271,16 @@ def test_color_study_tiny_trains_every_formulation_and_scores_it_beside_gray(tmp
     held = tmp_path / "held"
     held.mkdir()
     Image.fromarray(load_photo("retina")).save(held / "retina.png")
-    res = bench("color_study.py", "--tiny", "--held-dir", held, "--work", tmp_path / "work", "--json",
-                tmp_path / "c.json")
+    nature = tmp_path / "nature"
+    nature.mkdir()
+    Image.fromarray(load_photo("hubble_deep_field")).save(nature / "hubble.png")
+    res = bench("color_study.py", "--tiny", "--held-dir", held, "--nature-dir", nature, "--work", tmp_path / "work",
+                "--json", tmp_path / "c.json")
     out = json.loads((tmp_path / "c.json").read_text())
     assert json.loads(res.stdout.strip().splitlines()[-1]) == out
     assert list(out["scores"]) == ["gray copy", "rgb", "chroma", "colorful", "classes", "classes_flat"]
     assert all(s["n"] == 2 and -1 <= s["hist_sim"] <= 1 for s in out["scores"].values())
+    assert all(s["nature"]["n"] == 2 for s in out["scores"].values())  # the second held-out set, every row
     with Image.open(tmp_path / "work" / "color_grid.png") as grid:
         assert grid.size == (6 * 64, 2 * 64)  # truth + 5 formulations, 2 crops
 
