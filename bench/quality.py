@@ -22,7 +22,8 @@ Recipes (each trains with the real job under torchrun, 2 gloo ranks, the demo's 
 Second held-out set, for the models that did not train on it: the 12 nature photos of ``mate-backgrounds`` (the
 quality recipe's extra training photos, so only the demo recipe and its variants are scored there): meadows, leaves,
 water, flowers, a hue mix the lomiri photos (warm light, many sunsets) lack. Packed and scored the same way; its own
-table (``scores_nature`` in the JSON). Skipped with ``--held-dir`` or ``--tiny`` unless ``--nature-dir`` names a folder.
+table (``scores_nature`` in the JSON) and picture (``quality_grid_nature.png``). Skipped with ``--held-dir`` or
+``--tiny`` unless ``--nature-dir`` names a folder.
 
 Every model restores the held-out inputs through the inference engine (``Engine``: both stages, the known luminance
 re-imposed outside the hole), scored by ``restore.score`` beside three baselines: the gray input copied to RGB, OpenCV
