@@ -1,6 +1,7 @@
 """The damage detector, old vs new in one run: false holes on clean photos, recall and IoU on DACON-style damage.
 
     python bench/detector.py [--photos bundled|wallpapers|both] [--damaged 300] [--seed 0] [--limit N] [--dacon DIR]
+                             [--json FILE]
 
 Photos (real, no download):
 - ``bundled`` (the held-out set): the photos that ship with scikit-image (astronaut, camera, coffee, chelsea, rocket,
@@ -37,6 +38,7 @@ from PIL import Image, ImageOps
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from report import emit  # noqa: E402  (bench/report.py, beside this script)
 from shards import damage  # noqa: E402
 from shards.detector import NoDamageFound, detect_damage  # noqa: E402
 
@@ -211,7 +213,8 @@ def damaged(photos: dict[str, np.ndarray], n: int, seed: int, timings: dict) -> 
     return {"scores": scores, "misses": misses}
 
 
-def report(label: str, photos: dict, clean_out: dict, damaged_out: dict, timings: dict) -> None:
+def report(label: str, photos: dict, clean_out: dict, damaged_out: dict, timings: dict) -> dict:
+    """Print the set's table; return its numbers per detector and format (for ``--json``)."""
     dets = list(DETECTORS)
     print(f"\n== {label}: {len(photos)} photos ==")
     header = f"{'':34s}" + "".join(f"{d:>22s}" for d in dets)
@@ -244,6 +247,15 @@ def report(label: str, photos: dict, clean_out: dict, damaged_out: dict, timings
         for fmt in FORMATS:
             for line in damaged_out["misses"][d, fmt][:12]:
                 print(f"  miss [{d}] {fmt} {line}")
+    numbers: dict = {"photos": len(photos), "detectors": {}}
+    for d in dets:
+        per = numbers["detectors"][d] = {}
+        for fmt in FORMATS:
+            s = np.asarray(damaged_out["scores"][d, fmt])
+            per[fmt] = {"clean_views": clean_out["count"][fmt], "false_holes": len(clean_out["holes"][d, fmt]),
+                        "damaged": int(s.size), "recall": float((s >= 0.5).mean()), "mean_iou": float(s.mean()),
+                        "cpu_ms": 1e3 * float(np.mean(timings[d, fmt]))}
+    return numbers
 
 
 def dacon(root: Path) -> None:
@@ -274,7 +286,9 @@ def main() -> None:
                         help="where the wallpaper packages are fetched once (shared with bench/quality.py)")
     parser.add_argument("--limit", type=int, help="only the first N photos of a set (a smoke run)")
     parser.add_argument("--dacon", type=Path, help="a DACON samples folder (train_input/, train_gt/, test_input/)")
+    parser.add_argument("--json", type=Path, help="also write the numbers here (they end stdout as one JSON line)")
     args = parser.parse_args()
+    result = {}
     sets = {"bundled": ("bundled photos (held out)", bundled_photos),
             "wallpapers": ("Debian wallpaper photos (tuning set)", lambda: wallpaper_photos(args.cache))}
     for key in (("wallpapers", "bundled") if args.photos == "both" else (args.photos,)):
@@ -286,10 +300,11 @@ def main() -> None:
         start = time.perf_counter()
         clean_out = clean(photos, args.seed, timings)
         damaged_out = damaged(photos, args.damaged, args.seed, timings)
-        report(label, photos, clean_out, damaged_out, timings)
+        result[key] = report(label, photos, clean_out, damaged_out, timings)
         print(f"  ({time.perf_counter() - start:.0f} s)")
     if args.dacon:
         dacon(args.dacon)
+    emit(result, args.json)
 
 
 # ------------------------------------------------------------------------------------------------- the old detector

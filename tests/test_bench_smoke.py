@@ -63,13 +63,22 @@ def test_pack_throughput_tiny_packs_both_modes():
         assert "workers=1:" in line and "samples/s wall" in line and "KiB/sample in the shards" in line
 
 
-def test_detector_small_run_compares_old_and_new():
-    res = bench("detector.py", "--photos", "bundled", "--limit", "3", "--damaged", "6")
+def test_detector_small_run_compares_old_and_new(tmp_path):
+    res = bench("detector.py", "--photos", "bundled", "--limit", "3", "--damaged", "6", "--json", tmp_path / "d.json")
     rows = {line[:34].strip(): line[34:].split() for line in res.stdout.splitlines() if line.startswith(("clean", "dam"))}
     # "N / total" for old, new exact, new hinted, new auto: astronaut and camera gave the old one phantom holes.
     clean = rows["clean, false holes  png"]
     assert int(clean[0]) > 0 and clean[3] == clean[6] == clean[9] == "0", clean
     assert float(rows["damaged, recall / mean IoU  q75"][6]) >= 0.5  # new hinted finds JPEG damage (6 images)
+    # the same numbers as JSON: the last stdout line and the file
+    out = json.loads((tmp_path / "d.json").read_text())
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == out
+    dets = out["bundled"]["detectors"]
+    assert list(dets) == ["old", "new exact", "new hinted", "new auto"] and out["bundled"]["photos"] == 3
+    assert dets["old"]["png"]["false_holes"] == int(clean[0]) and dets["new hinted"]["png"]["false_holes"] == 0
+    assert dets["new hinted"]["q75"]["recall"] == pytest.approx(float(rows["damaged, recall / mean IoU  q75"][6]),
+                                                                abs=5e-4)
+    assert dets["new hinted"]["q75"]["damaged"] == 6 and dets["new hinted"]["png"]["cpu_ms"] > 0
 
 
 def test_curate_speed_small_run_reports_timings_and_grouping(tmp_path):
