@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from PIL import Image
 
-    from quality import HELD_PACKAGES, TRAIN_PACKAGES, fetch_packages, write_held_crops  # bench/quality.py
+    from quality import held_out_photos, write_held_crops  # bench/quality.py, beside this script
     from launch.demo import TRAIN_PHOTOS
     from restore.score import score_image, summarize
     from shards.damage import random_mask, to_gray
@@ -255,14 +255,9 @@ def main(argv: list[str] | None = None) -> int:
         write_held_crops(photos, folder, size)
         return [np.asarray(Image.open(p).convert("RGB")) for p in sorted(folder.iterdir())]
 
-    held = crops_of(sorted(p for p in args.held_dir.iterdir() if p.is_file()) if args.held_dir
-                    else fetch_packages(HELD_PACKAGES, args.cache), "color_held")
-    if args.nature_dir:
-        nature = crops_of(sorted(p for p in args.nature_dir.iterdir() if p.is_file()), "color_nature")
-    elif args.held_dir or args.tiny:
-        nature = []
-    else:
-        nature = crops_of(fetch_packages(TRAIN_PACKAGES, args.cache), "color_nature")
+    held_photos, nature_photos = held_out_photos(args.held_dir, args.nature_dir, args.tiny, args.cache)
+    held = crops_of(held_photos, "color_held")
+    nature = crops_of(nature_photos, "color_nature") if nature_photos else []
     train_photos = [load_photo(n) for n in TRAIN_PHOTOS]
     for folder in args.extra_photos:
         train_photos += [np.asarray(Image.open(p).convert("RGB")) for p in list_photos(folder)]
@@ -270,21 +265,24 @@ def main(argv: list[str] | None = None) -> int:
     masks = [random_mask(rng, size, size, area_range=(0.01, 0.13))[0] for _ in held]
     nature_masks = [random_mask(rng, size, size, area_range=(0.01, 0.13))[0] for _ in nature]
 
+    def scored(predict) -> tuple[dict, list[np.ndarray]]:
+        """``predict(gray) -> rgb`` on every held-out crop: the summary (the nature set's under "nature") and the
+        first set's predictions."""
+        preds = [predict(to_gray(h)) for h in held]
+        summary = summarize([score_image(h, p, m) for h, p, m in zip(held, preds, masks)])
+        if nature:
+            summary["nature"] = summarize([score_image(h, predict(to_gray(h)), m)
+                                           for h, m in zip(nature, nature_masks)])
+        return summary, preds
+
     results, rows = {}, [[h for h in held[:4]]]
-    gray_scores = [score_image(h, np.repeat(to_gray(h)[..., None], 3, -1), m) for h, m in zip(held, masks)]
-    results["gray copy"] = summarize(gray_scores)
-    if nature:
-        results["gray copy"]["nature"] = summarize(
-            [score_image(h, np.repeat(to_gray(h)[..., None], 3, -1), m) for h, m in zip(nature, nature_masks)])
+    results["gray copy"], _ = scored(lambda g: np.repeat(g[..., None], 3, -1))
     for f in formulations:
         t0 = time.time()
         model = train(f, train_photos, args)
-        preds = [colorize(model, to_gray(h), args.work_size) for h in held]
-        results[f] = {**summarize([score_image(h, p, m) for h, p, m in zip(held, preds, masks)]),
-                      "train_s": round(time.time() - t0, 1)}
-        if nature:
-            results[f]["nature"] = summarize([score_image(h, colorize(model, to_gray(h), args.work_size), m)
-                                              for h, m in zip(nature, nature_masks)])
+        train_s = round(time.time() - t0, 1)
+        results[f], preds = scored(lambda g: colorize(model, g, args.work_size))
+        results[f]["train_s"] = train_s
         rows.append(preds[:4])
         print(f"color_study: {f}: score {results[f]['score']:.4f} hist {results[f]['hist_sim']:.4f} "
               f"({results[f]['train_s']:.0f} s)", flush=True)

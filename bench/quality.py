@@ -96,6 +96,20 @@ def fetch_packages(packages: dict[str, list[str]], cache: Path) -> list[Path]:
     return found
 
 
+def held_out_photos(held_dir: Path | None, nature_dir: Path | None, tiny: bool, cache: Path) -> tuple[list, list]:
+    """The held-out photos and the second (nature) held-out set: the given folders, else the Debian packages; no
+    second set when the first is given or for a smoke run, unless ``nature_dir`` names one."""
+    from shards.pack import BadInput, list_photos
+
+    try:
+        held = list_photos(held_dir) if held_dir else fetch_packages(HELD_PACKAGES, cache)
+        if nature_dir:
+            return held, list_photos(nature_dir)
+    except BadInput as exc:
+        raise SystemExit(f"quality: {exc}") from None
+    return held, [] if held_dir or tiny else fetch_packages(TRAIN_PACKAGES, cache)
+
+
 def write_held_crops(photos: list[Path], out_dir: Path, size: int) -> int:
     """Two square crops of each photo (the whole short side, centred; a 60% window at a seeded place) at ``size``."""
     import cv2
@@ -162,7 +176,8 @@ def train_recipe(name: str, recipe: str, overrides: list[str], work: Path, *, ti
     record = out / "trained.json"
     if reuse and (run_dir / "done.json").exists() and record.exists():
         done = json.loads(record.read_text())
-        if all(done.get(k) == info[k] for k in ("command", "photos")):  # the photos: --extra-photos is not in the command
+        # the photos too: --extra-photos is not in the command
+        if all(done.get(k) == info[k] for k in ("command", "photos")):
             print(f"quality: reusing {name}: {run_dir} finished the same command", flush=True)
             return done
     shutil.rmtree(out, ignore_errors=True)
@@ -251,15 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     size = 64 if args.tiny else 512
-    held_photos = (sorted(p for p in args.held_dir.iterdir() if p.is_file()) if args.held_dir
-                   else fetch_packages(HELD_PACKAGES, args.cache))
+    held_photos, nature_photos = held_out_photos(args.held_dir, args.nature_dir, args.tiny, args.cache)
     held_shards, n = pack_held(held_photos, work, "held", size)
-    if args.nature_dir:
-        nature_photos = sorted(p for p in args.nature_dir.iterdir() if p.is_file())
-    elif args.held_dir or args.tiny:
-        nature_photos = []
-    else:
-        nature_photos = sorted(p for p in fetch_packages(TRAIN_PACKAGES, args.cache) if p.is_file())
     nature_shards, n_nature = pack_held(nature_photos, work, "nature", size) if nature_photos else (None, 0)
 
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
