@@ -214,31 +214,29 @@ def damaged(photos: dict[str, np.ndarray], n: int, seed: int, timings: dict) -> 
 
 
 def report(label: str, photos: dict, clean_out: dict, damaged_out: dict, timings: dict) -> dict:
-    """Print the set's table; return its numbers per detector and format (for ``--json``)."""
+    """The set's numbers per detector and format (returned for ``--json``), printed as a table."""
     dets = list(DETECTORS)
-    print(f"\n== {label}: {len(photos)} photos ==")
-    header = f"{'':34s}" + "".join(f"{d:>22s}" for d in dets)
-    print(header)
-    for fmt in FORMATS:
-        total = clean_out["count"][fmt]
-        row = "".join(f"{len(clean_out['holes'][d, fmt]):>10d} / {total:<9d}" for d in dets)
-        print(f"{'clean, false holes  ' + fmt:34s}{row}")
-    for fmt in FORMATS:
-        cells = []
-        for d in dets:
-            s = np.asarray(damaged_out["scores"][d, fmt])
-            cells.append(f"{(s >= 0.5).mean():.3f} / {s.mean():.3f} ".rjust(22))
-        print(f"{'damaged, recall / mean IoU  ' + fmt:34s}{''.join(cells)}")
-    for fmt in FORMATS:
-        cells = []
-        for d in dets:
+    numbers: dict = {"photos": len(photos), "detectors": {}}
+    for d in dets:
+        per = numbers["detectors"][d] = {}
+        for fmt in FORMATS:
             s = np.asarray(damaged_out["scores"][d, fmt])
             found = s[s >= 0.5] if (s >= 0.5).any() else np.zeros(1)
-            cells.append(f"{np.median(found):.3f} / {np.percentile(found, 5):.3f} ".rjust(22))
-        print(f"{'found: IoU median / p5  ' + fmt:34s}{''.join(cells)}")
-    for fmt in FORMATS:
-        cells = [f"{1e3 * np.mean(timings[d, fmt]):.1f} ".rjust(22) for d in dets]
-        print(f"{'CPU ms/image 512x512  ' + fmt:34s}{''.join(cells)}")
+            per[fmt] = {"clean_views": clean_out["count"][fmt], "false_holes": len(clean_out["holes"][d, fmt]),
+                        "damaged": int(s.size), "recall": float((s >= 0.5).mean()), "mean_iou": float(s.mean()),
+                        "found_iou_median": float(np.median(found)), "found_iou_p5": float(np.percentile(found, 5)),
+                        "cpu_ms": 1e3 * float(np.mean(timings[d, fmt]))}
+    print(f"\n== {label}: {len(photos)} photos ==")
+    print(f"{'':34s}" + "".join(f"{d:>22s}" for d in dets))
+
+    def row(title: str, cell) -> None:
+        for fmt in FORMATS:
+            print(f"{title + fmt:34s}" + "".join(cell(numbers["detectors"][d][fmt]).rjust(22) for d in dets))
+
+    row("clean, false holes  ", lambda n: f"{n['false_holes']:>10d} / {n['clean_views']:<9d}")
+    row("damaged, recall / mean IoU  ", lambda n: f"{n['recall']:.3f} / {n['mean_iou']:.3f} ")
+    row("found: IoU median / p5  ", lambda n: f"{n['found_iou_median']:.3f} / {n['found_iou_p5']:.3f} ")
+    row("CPU ms/image 512x512  ", lambda n: f"{n['cpu_ms']:.1f} ")
     for d in dets:
         for fmt in FORMATS:
             for line in clean_out["holes"][d, fmt]:
@@ -247,14 +245,6 @@ def report(label: str, photos: dict, clean_out: dict, damaged_out: dict, timings
         for fmt in FORMATS:
             for line in damaged_out["misses"][d, fmt][:12]:
                 print(f"  miss [{d}] {fmt} {line}")
-    numbers: dict = {"photos": len(photos), "detectors": {}}
-    for d in dets:
-        per = numbers["detectors"][d] = {}
-        for fmt in FORMATS:
-            s = np.asarray(damaged_out["scores"][d, fmt])
-            per[fmt] = {"clean_views": clean_out["count"][fmt], "false_holes": len(clean_out["holes"][d, fmt]),
-                        "damaged": int(s.size), "recall": float((s >= 0.5).mean()), "mean_iou": float(s.mean()),
-                        "cpu_ms": 1e3 * float(np.mean(timings[d, fmt]))}
     return numbers
 
 
