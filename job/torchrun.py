@@ -63,18 +63,19 @@ def _message(failure) -> str:
 def failure_exit(exc, run_dir: Path, started: float) -> int:
     """The exit code and one line for torchrun's ChildFailedError (every failed rank, with its exit code)."""
     from job.run_log import DONE, PREEMPTED
+    from job.train import EXIT_BAD_INPUT, EXIT_PREEMPTED
 
     codes = {f.exitcode for f in exc.failures.values()}
     if _fresh(run_dir / PREEMPTED, started):
         print(f"job.torchrun: preempted: a checkpoint and {run_dir / PREEMPTED} were written; rerun the same "
-              f"command to continue (exit 75)", file=sys.stderr, flush=True)
-        return 75
+              f"command to continue (exit {EXIT_PREEMPTED})", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
     if _fresh(run_dir / DONE, started):
         print(f"job.torchrun: warning: {run_dir / DONE} was written, then a rank exited with code(s) "
               f"{sorted(codes)}", file=sys.stderr, flush=True)
         return 0
-    if codes == {2}:
-        return 2  # every rank refused the input; the job's line says why
+    if codes == {EXIT_BAD_INPUT}:
+        return EXIT_BAD_INPUT  # every rank refused the input; the job's line says why
     rank, first = exc.get_first_failure()
     code = first.exitcode if first.exitcode > 0 else 128 - first.exitcode
     how = (f"was killed by {first.signal_name()}" if first.exitcode < 0 else f"exited with code {first.exitcode}")
@@ -117,9 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         launch = train.check(job_args.shards, job_args.out, job_args.overrides, world, train.launcher_device(),
                              load_state=False)
     except train.LaunchError as exc:
-        return _error(str(exc), 2)
+        return _error(str(exc), train.EXIT_BAD_INPUT)
     except (ValueError, RuntimeError) as exc:  # torchrun's own refusals (e.g. --nproc-per-node gpu without GPUs)
-        return _error(str(exc), 2)
+        return _error(str(exc), train.EXIT_BAD_INPUT)
     if not launch.trains:
         print(launch.note, flush=True)
         return 0
@@ -131,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     except SignalException as exc:  # torchrun itself was signalled: it stopped the ranks (they checkpoint first)
         if _fresh(job_args.out / PREEMPTED, started):
             print(f"job.torchrun: stopped by {exc.sigval.name} after a checkpoint; rerun the same command to "
-                  f"continue (exit 75)", file=sys.stderr, flush=True)
-            return 75
+                  f"continue (exit {train.EXIT_PREEMPTED})", file=sys.stderr, flush=True)
+            return train.EXIT_PREEMPTED
         return _error(f"stopped by {exc.sigval.name}", 128 + int(exc.sigval))
     except Exception as exc:  # rendezvous and agent errors: torchrun's message, without its traceback
         return _error(f"torchrun: {type(exc).__name__}: {exc}", 1)
