@@ -43,97 +43,43 @@ sys.path.insert(0, str(ROOT))
 from report import emit  # noqa: E402
 
 FORMULATIONS = ("rgb", "chroma", "colorful", "classes", "classes_flat")
-GRID = 1 / 16  # Cb/Cr cell of the classes formulation
-ANNEAL_T = 0.38
-
-
-def chroma_classes() -> tuple[np.ndarray, np.ndarray]:
-    """The in-gamut cells of a Cb/Cr grid: (cell -> class or -1, [Q, 2] class centers as offsets from neutral)."""
-    values = np.linspace(-0.5, 0.5, int(round(1 / GRID)) + 1)
-    table = -np.ones((len(values), len(values)), np.int64)
-    centers = []
-    for i, cb in enumerate(values):
-        for j, cr in enumerate(values):
-            offsets = (1.402 * cr, -0.344136 * cb - 0.714136 * cr, 1.772 * cb)  # RGB minus luma
-            if max(offsets) - min(offsets) <= 1.0:  # some luma makes this chroma a valid RGB color
-                table[i, j] = len(centers)
-                centers.append((cb, cr))
-    return table, np.asarray(centers, np.float32)
 
 
 def build(formulation: str, encoder: str, decoder: tuple[int, ...]):
-    import torch
-    from torch import nn
-    import torch.nn.functional as F
+    """The colorizer of a formulation: ``restore.model.Colorizer`` with color_mode rgb, chroma or classes."""
+    from restore.model import Colorizer, ModelSpec
 
-    from restore.model import Colorizer, ModelSpec, _PaddedStage, compose_chroma
-
-    spec = ModelSpec(encoder=encoder, decoder_channels=decoder, encoder_depth=len(decoder),
-                     color_mode="rgb" if formulation == "rgb" else "chroma", prefill="none")
-    if not formulation.startswith("classes"):
-        return Colorizer(spec)
-    table, centers = chroma_classes()
-
-    class ClassColorizer(_PaddedStage):
-        def __init__(self) -> None:
-            super().__init__(spec, in_channels=1, out_channels=1)
-            self.net.segmentation_head = nn.Identity()
-            width = spec.decoder_channels[-1]
-            self.head = nn.Sequential(nn.Conv2d(width, 64, 3, padding=1), nn.ReLU(inplace=True),
-                                      nn.Conv2d(64, len(centers), 1))
-            self.register_buffer("centers", torch.from_numpy(centers))
-            self.register_buffer("table", torch.from_numpy(table))
-
-        def logits(self, gray):
-            return self.head(F.avg_pool2d(super().forward(gray), 4, ceil_mode=True))
-
-        def decode(self, logits, gray, temperature=ANNEAL_T):
-            p = torch.softmax(logits.float() / temperature, 1)
-            chroma = F.interpolate(torch.einsum("bqhw,qk->bkhw", p, self.centers), size=gray.shape[-2:],
-                                   mode="bilinear", align_corners=False)
-            return compose_chroma(gray, chroma + 0.5)
-
-        def forward(self, gray):
-            return self.decode(self.logits(gray), gray)
-
-    return ClassColorizer()
+    mode = "classes" if formulation.startswith("classes") else "rgb" if formulation == "rgb" else "chroma"
+    return Colorizer(ModelSpec(encoder=encoder, decoder_channels=decoder, encoder_depth=len(decoder),
+                               color_mode=mode, prefill="none"))
 
 
 def class_loss(model, logits, gt_rgb, rebalance: float):
-    """Soft-encoded cross-entropy at the logits' resolution, optionally class-rebalanced (Zhang et al. 2016)."""
+    """The job's soft-encoded cross-entropy (``restore.color_classes``), optionally class-rebalanced as in Zhang et
+    al. 2016 (``rebalance`` = lambda; 1 = none): weights from the in-batch class prior, smoothed over the grid."""
     import torch
     import torch.nn.functional as F
 
+    from restore.color_classes import POOL, class_cross_entropy, soft_targets
     from restore.model import rgb_to_chroma
 
-    table, n = model.table, model.table.shape[0]
-    grid = (F.avg_pool2d(rgb_to_chroma(gt_rgb), 4, ceil_mode=True)) / GRID  # cell coordinates, 0.5 -> n // 2
-    nearest = grid.round().long()
-    idx, weight = [], []
-    for di in (-1, 0, 1):
-        for dj in (-1, 0, 1):
-            i = (nearest[:, 0] + di).clamp(0, n - 1)
-            j = (nearest[:, 1] + dj).clamp(0, n - 1)
-            cls = table[i, j]
-            d2 = (grid[:, 0] - i.float()) ** 2 + (grid[:, 1] - j.float()) ** 2
-            idx.append(cls.clamp_min(0))
-            weight.append(torch.exp(-d2 / (2 * 0.5 ** 2)) * (cls >= 0))
-    idx, weight = torch.stack(idx, 1), torch.stack(weight, 1)
-    weight = weight / weight.sum(1, keepdim=True).clamp_min(1e-8)
+    table = model.class_table
+    chroma = rgb_to_chroma(gt_rgb)
+    if rebalance >= 1.0:
+        return class_cross_entropy(logits, chroma, table)
+    idx, weight = soft_targets(F.avg_pool2d(chroma, POOL, ceil_mode=True), table)
     ce = -(F.log_softmax(logits.float(), 1).gather(1, idx) * weight).sum(1)
-    if rebalance < 1.0:
-        q = logits.shape[1]
-        target = idx.gather(1, weight.argmax(1, keepdim=True))[:, 0]
-        prior = torch.bincount(target.flatten(), minlength=q).float()
-        cells = torch.zeros(n, n, device=logits.device)
-        valid = table >= 0
-        cells[valid] = prior[table[valid]]
-        kernel = torch.tensor([[1, 2, 1], [2, 4, 2], [1, 2, 1]], dtype=torch.float32, device=logits.device) / 16
-        prior = F.conv2d(cells[None, None], kernel[None, None], padding=1)[0, 0][valid]
-        prior = prior / prior.sum()
-        w = 1.0 / ((1 - rebalance) * prior + rebalance / q)
-        ce = ce * (w / (prior * w).sum())[target]
-    return ce.mean()
+    n, q = table.shape[0], logits.shape[1]
+    target = idx.gather(1, weight.argmax(1, keepdim=True))[:, 0]
+    prior = torch.bincount(target.flatten(), minlength=q).float()
+    cells = torch.zeros(n, n, device=logits.device)
+    valid = table >= 0
+    cells[valid] = prior[table[valid]]
+    kernel = torch.tensor([[1, 2, 1], [2, 4, 2], [1, 2, 1]], dtype=torch.float32, device=logits.device) / 16
+    prior = F.conv2d(cells[None, None], kernel[None, None], padding=1)[0, 0][valid]
+    prior = prior / prior.sum()
+    w = 1.0 / ((1 - rebalance) * prior + rebalance / q)
+    return (ce * (w / (prior * w).sum())[target]).mean()
 
 
 def train(formulation: str, photos: list[np.ndarray], args) -> object:

@@ -19,7 +19,7 @@ from restore.precision import PRECISIONS
 from restore.prefill import PREFILLS
 
 STAGES = ("joint", "staged")
-COLOR_MODES = ("rgb", "chroma")
+COLOR_MODES = ("rgb", "chroma", "classes")  # restore.model.COLOR_MODES; not imported: smp adds 1.3 s
 TRISTATE = ("auto", "on", "off")
 
 
@@ -79,10 +79,12 @@ class OptimConfig:
 class LossConfig:
     gray_l1: float = 1.0  # stage 1: L1 on the gray image
     gray_ssim: float = 1.0  # stage 1: masked SSIM (the hole counts)
+    # Stage 2's per-pixel terms, for color_mode rgb and chroma; color_mode classes replaces them by color_classes.
     rgb_l1: float = 1.0  # stage 2: L1 on RGB
     rgb_ssim: float = 0.5  # stage 2: 1 - SSIM on RGB
-    rgb_hue: float = 0.1  # stage 2: 1 - correlation of soft hue histograms (the score's hist_sim)
     rgb_chroma: float = 0.0  # stage 2: L1 on Cb/Cr
+    color_classes: float = 1.0  # stage 2, color_mode classes: cross-entropy of the chroma classes
+    rgb_hue: float = 0.1  # stage 2, every color_mode: 1 - correlation of soft hue histograms (the score's hist_sim)
     gan_weight: float = 0.01  # adversarial term when gan=true
 
 
@@ -264,7 +266,8 @@ def validate(cfg: Config) -> None:
     need(0 <= o.min_lr_ratio <= 1, f"min_lr_ratio={o.min_lr_ratio}: must be in [0, 1]")
     need(o.grad_clip >= 0, f"grad_clip={o.grad_clip}: must be >= 0 (0 = off)")
     need(0 <= o.ema < 1, f"ema={o.ema}: must be in [0, 1) (0 = off)")
-    for name in ("gray_l1", "gray_ssim", "rgb_l1", "rgb_ssim", "rgb_hue", "rgb_chroma", "gan_weight"):
+    for name in ("gray_l1", "gray_ssim", "rgb_l1", "rgb_ssim", "rgb_hue", "rgb_chroma", "color_classes",
+                 "gan_weight"):
         need(getattr(l, name) >= 0, f"{name}={getattr(l, name)}: must be >= 0")
     need(r.epochs >= 1, f"epochs={r.epochs}: must be >= 1")
     need(r.max_steps >= 0, f"max_steps={r.max_steps}: must be >= 0 (0 = epochs * steps_per_epoch)")

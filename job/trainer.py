@@ -87,7 +87,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         l = cfg.loss
         self.loss1 = Stage1Loss(l1=l.gray_l1, ssim=l.gray_ssim)
-        self.loss2 = Stage2Loss(l1=l.rgb_l1, ssim=l.rgb_ssim, hue=l.rgb_hue, chroma=l.rgb_chroma)
+        if cfg.model.color_mode == "classes":
+            self.loss2 = Stage2Loss(l1=0.0, ssim=0.0, hue=l.rgb_hue, classes=l.color_classes)
+        else:
+            self.loss2 = Stage2Loss(l1=l.rgb_l1, ssim=l.rgb_ssim, hue=l.rgb_hue, chroma=l.rgb_chroma)
         self.disc = self.disc_opt = self.disc_step_fn = None
         if o.gan:
             from restore.gan import PatchDiscriminator, adversarial_losses

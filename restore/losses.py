@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from pytorch_msssim import ssim
 from torch import nn
 
+from restore.color_classes import chroma_classes, class_cross_entropy
 from restore.model import rgb_to_chroma
 
 SSIM_WIN = 11  # pytorch_msssim's default Gaussian window; its filter is a 'valid' convolution
@@ -116,18 +117,24 @@ class Stage1Loss(nn.Module):
 
 
 class Stage2Loss(nn.Module):
-    """Colorization over the whole image: L1 + (1 - SSIM) + hue-histogram term (+ optional chroma L1).
+    """Colorization over the whole image: L1 + (1 - SSIM) + hue-histogram term (+ optional chroma L1), and, for
+    color_mode "classes", the soft-encoded cross-entropy of the chroma-class logits.
 
     `hue` weights 1 - correlation of soft hue histograms, a differentiable proxy of the score's hist_sim, which
     rewards the right hue distribution rather than per-pixel colors; `chroma` weights an L1 on YCbCr Cb/Cr
-    (per-pixel, pulls toward mean colors; off by default). Inputs B,3,H,W in [0,1].
+    (per-pixel, pulls toward mean colors; off by default); `classes` weights `color_classes.class_cross_entropy`,
+    used when the forward is given ``class_logits``. Inputs B,3,H,W in [0,1].
     """
 
-    def __init__(self, l1: float = 1.0, ssim: float = 0.5, hue: float = 0.1, chroma: float = 0.0) -> None:
+    def __init__(self, l1: float = 1.0, ssim: float = 0.5, hue: float = 0.1, chroma: float = 0.0,
+                 classes: float = 0.0) -> None:
         super().__init__()
         self.w_l1, self.w_ssim, self.w_hue, self.w_chroma = float(l1), float(ssim), float(hue), float(chroma)
+        self.w_classes = float(classes)
+        self._class_tables: dict[torch.device, torch.Tensor] = {}  # the quantization table, one copy per device
 
-    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def forward(self, pred: torch.Tensor, target: torch.Tensor,
+                class_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         with torch.autocast(device_type=pred.device.type, enabled=False):
             pred, target = _fp32(pred, target)
             terms = {"s2_l1": (pred - target).abs().mean()}
@@ -142,5 +149,14 @@ class Stage2Loss(nn.Module):
             if self.w_chroma:
                 terms["s2_chroma"] = (rgb_to_chroma(pred) - rgb_to_chroma(target)).abs().mean()
                 total = total + self.w_chroma * terms["s2_chroma"]
+            if self.w_classes and class_logits is not None:
+                terms["s2_classes"] = class_cross_entropy(class_logits, rgb_to_chroma(target),
+                                                          self._class_table(pred.device))
+                total = total + self.w_classes * terms["s2_classes"]
         terms["s2_total"] = total
         return total, {k: v.detach() for k, v in terms.items()}
+
+    def _class_table(self, device: torch.device) -> torch.Tensor:
+        if device not in self._class_tables:
+            self._class_tables[device] = torch.from_numpy(chroma_classes()[0]).to(device)
+        return self._class_tables[device]

@@ -17,10 +17,11 @@ import torch.nn.functional as F
 from segmentation_models_pytorch.decoders.unetplusplus.decoder import DecoderBlock as _SmpDecoderBlock
 from torch import nn
 
+from restore import color_classes
 from restore.prefill import PREFILLS, prefill
 
 CHECKPOINT_FORMAT = "restore-ckpt/1"
-COLOR_MODES = ("rgb", "chroma")
+COLOR_MODES = ("rgb", "chroma", "classes")
 # Keys added to ModelSpec after checkpoints were written, with the value that reproduces those older models.
 LEGACY_SPEC_DEFAULTS = {"prefill": "none", "color_size": 0}
 # Inputs in [0, 1] are normalized inside the model, as the seed recipe did outside it: (x - 0.5) / 0.225.
@@ -290,13 +291,25 @@ class Colorizer(_PaddedStage):
 
     color_mode "rgb": 3 channels through a sigmoid. "chroma": 2 channels (Cb, Cr through a sigmoid, 0.5 = neutral)
     composed with the input luma by `compose_chroma`, so the output's BT.601 luma equals the gray input.
+    "classes": logits over quantized Cb/Cr cells at 1/4 resolution (`restore.color_classes`), read out as the
+    annealed mean and composed with the luma the same way; `logits` and `decode` are the two halves, for training.
     With ``spec.color_size`` an image larger than that is colorized shrunk and its chroma upsampled onto the full luma.
     """
 
     def __init__(self, spec: ModelSpec) -> None:
-        super().__init__(spec, in_channels=1, out_channels=3 if spec.color_mode == "rgb" else 2)
+        channels = {"rgb": 3, "chroma": 2, "classes": 1}[spec.color_mode]
+        super().__init__(spec, in_channels=1, out_channels=channels)
         self.color_mode = spec.color_mode
         self.color_size = spec.color_size
+        if self.color_mode == "classes":
+            table, centers = color_classes.chroma_classes()
+            self.net.segmentation_head = nn.Identity()  # the class head below reads the last decoder features
+            width = spec.decoder_channels[-1]
+            self.class_head = nn.Sequential(nn.Conv2d(width, 64, 3, padding=1), nn.ReLU(inplace=True),
+                                            nn.Conv2d(64, len(centers), 1))
+            # Constants of the quantization, rebuilt from the code: not saved in checkpoints.
+            self.register_buffer("class_centers", torch.from_numpy(centers), persistent=False)
+            self.register_buffer("class_table", torch.from_numpy(table), persistent=False)
 
     def forward(self, gray: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         h, w = gray.shape[-2:]
@@ -310,10 +323,25 @@ class Colorizer(_PaddedStage):
         return self._color(gray)
 
     def _color(self, gray: torch.Tensor) -> torch.Tensor:
+        if self.color_mode == "classes":
+            return self.decode(self.logits(gray), gray).to(gray.dtype)
         out = torch.sigmoid(_PaddedStage.forward(self, gray).to(gray.dtype))
         if self.color_mode == "rgb":
             return out
         return compose_chroma(gray, out)
+
+    def logits(self, gray: torch.Tensor) -> torch.Tensor:
+        """color_mode "classes": B,1,H,W gray -> B,Q,ceil(H/4),ceil(W/4) chroma-class logits."""
+        features = _PaddedStage.forward(self, gray)
+        return self.class_head(F.avg_pool2d(features, color_classes.POOL, ceil_mode=True))
+
+    def decode(self, logits: torch.Tensor, gray: torch.Tensor,
+               temperature: float = color_classes.ANNEAL_T) -> torch.Tensor:
+        """Class logits + the gray image -> RGB with the gray as its luma. Inference uses the annealed mean; training
+        decodes at temperature 1 (the plain mean) for its image-level terms, which keeps their gradients smooth."""
+        chroma = color_classes.annealed_mean(logits, self.class_centers, temperature)
+        chroma = F.interpolate(chroma, size=gray.shape[-2:], mode="bilinear", align_corners=False)
+        return compose_chroma(gray, chroma)
 
 
 def rgb_to_chroma(rgb: torch.Tensor) -> torch.Tensor:
