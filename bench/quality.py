@@ -4,6 +4,7 @@ inpainting, per DACON score term, side by side in one run.
     python bench/quality.py                                   # the demo and the quality recipe (~25 min, 2 cores)
     python bench/quality.py --recipes demo --variant noprefill=demo:prefill=none     # what one design choice adds
     python bench/quality.py --tiny --held-dir DIR             # CPU smoke (tests): a tiny model, 2 steps, 64 px
+    python bench/quality.py --gpus 1 --recipes demo --cache C # the demo's GPU recipe (EfficientNet-B4, 512 px)
 
 Held-out photos: real photographs from Debian's wallpaper packages ``lomiri-wallpapers-16.04`` (13 photos by Ubuntu
 contest photographers; two abstract renders left out) and ``lomiri-wallpapers-20.04`` (one photo), fetched by this
@@ -18,6 +19,10 @@ Recipes (each trains with the real job under torchrun, 2 gloo ranks, the demo's 
   quality  the same recipe on the bundled photos plus the 12 nature photos of Debian's ``mate-backgrounds`` (also
            fetched), 8 crops each, 1600 steps (~12 min on 2 cores)
   --variant NAME=RECIPE:key=value,...  a recipe with job overrides (e.g. ``prefill=none``), to measure one choice
+With ``--gpus N`` both recipes train ``python -m launch.demo --gpus N``'s recipe instead (``launch.demo.GPU_STEPS``
+steps, the quality recipe differing by its photos) and restore on the GPU. A GPU machine that cannot reach Debian's
+archive gets the photos through ``--cache``: ``--copy-photos DIR`` copies the ~25 MB of photos this script uses out
+of a cache into DIR, to carry there.
 
 Second held-out set, for the models that did not train on it: the 12 nature photos of ``mate-backgrounds`` (the
 quality recipe's extra training photos, so only the demo recipe and its variants are scored there): meadows, leaves,
@@ -96,6 +101,17 @@ def fetch_packages(packages: dict[str, list[str]], cache: Path) -> list[Path]:
     return found
 
 
+def copy_photos(cache: Path, dest: Path) -> int:
+    """Copy the photos this script uses (held-out and training packages) from ``cache`` to ``dest`` in the same
+    layout, so ``--cache dest`` works on a machine without Debian's archive (a GPU machine); returns how many."""
+    photos = fetch_packages({**HELD_PACKAGES, **TRAIN_PACKAGES}, cache)
+    for photo in photos:
+        target = dest / photo.relative_to(cache)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(photo, target)
+    return len(photos)
+
+
 def held_out_photos(held_dir: Path | None, nature_dir: Path | None, tiny: bool, cache: Path) -> tuple[list, list]:
     """The held-out photos and the second (nature) held-out set: the given folders, else the Debian packages; no
     second set when the first is given or for a smoke run, unless ``nature_dir`` names one."""
@@ -151,26 +167,28 @@ def pack_held(photos: list[Path], work: Path, name: str, size: int) -> tuple[Pat
 
 # ------------------------------------------------------------------------------------------------------ training
 def train_recipe(name: str, recipe: str, overrides: list[str], work: Path, *, tiny: bool, extra_dirs: list[Path],
-                 reuse: bool = False) -> dict:
-    """Train one recipe with the real job: the demo's data and CPU recipe, plus the recipe's photos, steps and
-    ``overrides``. Returns the run dir and the wall time. With ``reuse``, a finished run of the same command on the
-    same photos (its ``WORK/NAME/trained.json`` and ``run/done.json``) is scored again instead of retrained."""
-    from launch.demo import CPU_RECIPE, CPU_STEPS, validation_interval, write_demo_shards
+                 reuse: bool = False, gpus: int = 0) -> dict:
+    """Train one recipe with the real job: the demo's data and training (``launch.demo.training_recipe``: its CPU
+    recipe, or its GPU recipe with ``gpus``), plus the recipe's photos, steps and ``overrides``. Returns the run dir
+    and the wall time. With ``reuse``, a finished run of the same command on the same photos (its
+    ``WORK/NAME/trained.json`` and ``run/done.json``) is scored again instead of retrained."""
+    from launch.demo import training_recipe, write_demo_shards
 
     out = work / name
     extra = list(extra_dirs) if recipe == "quality" else []
-    steps, crops, nproc = (QUALITY_STEPS if recipe == "quality" else CPU_STEPS), 8, 2
-    job = list(CPU_RECIPE)
+    crops = 8
+    # On a GPU both recipes train the demo's GPU steps: the quality recipe differs by its photos only.
+    nproc, steps, _, job = training_recipe(gpus, QUALITY_STEPS if recipe == "quality" and not gpus else None)
     if tiny:
-        steps, crops, nproc = 2, 1, 1
-        job = [o for o in job if not o.startswith(("crop_size=", "decoder_channels="))]
-        job += ["crop_size=64", "decoder_channels=16,8,8,8,8", "encoder=tu-test_efficientnet", "num_workers=0"]
-    else:
-        job.append("encoder=tu-mobilenetv3_small_050")
+        crops, nproc = 1, 1
+        job = [o for o in job if not o.startswith(("crop_size=", "decoder_channels=", "encoder=", "max_steps=",
+                                                    "val_every=", "num_workers="))]
+        job += ["max_steps=2", "val_every=1", "crop_size=64", "decoder_channels=16,8,8,8,8",
+                "encoder=tu-test_efficientnet", "num_workers=0"]
+        steps = 2
     shards, run_dir = out / "shards", out / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m",
-           "job.train", "--shards", str(shards), "--out", str(run_dir), f"max_steps={steps}",
-           f"val_every={validation_interval(steps)}", "seed=0", "resume=never", *job, *overrides]
+           "job.train", "--shards", str(shards), "--out", str(run_dir), *job, "seed=0", "resume=never", *overrides]
     info = {"name": name, "recipe": recipe, "overrides": overrides, "steps": steps, "run": str(run_dir),
             "photos": "bundled" + (" + " + ", ".join(map(str, extra)) if extra else ""), "command": cmd[1:]}
     record = out / "trained.json"
@@ -195,7 +213,8 @@ def train_recipe(name: str, recipe: str, overrides: list[str], work: Path, *, ti
 
 
 # ------------------------------------------------------------------------------------------------------ scoring
-def score_all(held_split: Path, models: list[dict], grid_path: Path, grid_rows: int = 4) -> dict[str, dict]:
+def score_all(held_split: Path, models: list[dict], grid_path: Path, grid_rows: int = 4,
+              device: str = "cpu") -> dict[str, dict]:
     """Every model and baseline on every held-out sample; the per-term means, and a picture of the first rows."""
     import torch
     from PIL import Image
@@ -215,7 +234,7 @@ def score_all(held_split: Path, models: list[dict], grid_path: Path, grid_rows: 
                   "OpenCV Telea fill, gray": lambda g, m: baselines.opencv_inpaint(g, m),
                   "harmonic fill (stage 1's start), gray": harmonic}
     for model in models:
-        engine = Engine([model["run"]], device="cpu", batch_size=1)
+        engine = Engine([model["run"]], device=device, batch_size=1)
         predictors[model["name"]] = lambda g, m, e=engine: e.restore(g[None], m[None])[0]
     per: dict[str, list] = {name: [] for name in predictors}
     rows = []
@@ -258,10 +277,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="the quality recipe's extra training photos (default: mate-backgrounds' nature photos)")
     ap.add_argument("--work", type=Path, default=Path("bench_quality"), help="shards, runs and results go here")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke: tiny model, 2 steps, 64 px, the demo recipe")
+    ap.add_argument("--gpus", type=int, default=0, help="train with the demo's GPU recipe on this many GPUs (EfficientNet-B4, "
+                    "512 px crops, launch.demo.GPU_STEPS steps for both recipes) and score on the GPU; 0: the CPU recipe")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--reuse", action="store_true",
                     help="score a run that already finished the same command in WORK again instead of retraining")
+    ap.add_argument("--copy-photos", type=Path, metavar="DIR",
+                    help="only copy the photos from --cache to DIR (a cache for a machine without the archive), exit")
     args = ap.parse_args(argv)
+    if args.copy_photos:
+        n = copy_photos(args.cache, args.copy_photos)
+        print(f"quality: {n} photos copied to {args.copy_photos}; use --cache {args.copy_photos}")
+        return 0
 
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -282,10 +309,11 @@ def main(argv: list[str] | None = None) -> int:
     extra = list(args.extra_photos)
     if any(r == "quality" for _, r, _ in plans) and not extra and not args.tiny:
         extra = [p.parent for p in fetch_packages(TRAIN_PACKAGES, args.cache)[:1]]
-    models = [train_recipe(name, recipe, over, work, tiny=args.tiny, extra_dirs=extra,
-                           reuse=args.reuse)
+    models = [train_recipe(name, recipe, over, work, tiny=args.tiny, extra_dirs=extra, reuse=args.reuse,
+                           gpus=args.gpus)
               for name, recipe, over in plans]
-    scores = score_all(held_shards / "train", models, work / "quality_grid.png")
+    device = "cuda" if args.gpus else "cpu"
+    scores = score_all(held_shards / "train", models, work / "quality_grid.png", device=device)
     print_table(scores, models)
     result = {"held": {"photos": [str(p) for p in held_photos], "crops": n, "size": size}, "models": models,
               "scores": scores}
@@ -293,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         # only the models that never saw these photos (the quality recipe trains on mate's nature photos)
         folders = {str(p.parent) for p in nature_photos}
         unseen = [m for m in models if not any(f in m["photos"] for f in folders)]
-        nature = score_all(nature_shards / "train", unseen, work / "quality_grid_nature.png")
+        nature = score_all(nature_shards / "train", unseen, work / "quality_grid_nature.png", device=device)
         print(f"\nsecond held-out set: {n_nature} crops of {len(nature_photos)} nature photos, models that did not "
               f"train on them")
         print_table(nature, unseen, describe=False)

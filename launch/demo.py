@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image
@@ -176,6 +176,31 @@ def validation_interval(steps: int) -> int:
     return max(steps // 8, 1)
 
 
+class Recipe(NamedTuple):
+    ranks: int  # torchrun processes: 2 gloo ranks on CPU, one per GPU
+    steps: int
+    encoder: str
+    overrides: list[str]  # job.train key=value options (seed and resume are the caller's)
+
+
+def training_recipe(gpus: int, steps: int | None = None, encoder: str | None = None) -> Recipe:
+    """The demo's training: ``CPU_RECIPE`` on 2 gloo ranks, or on ``gpus`` GPUs EfficientNet-B4 at 512 px with the
+    batch and lr of ``gpu_batch``; bench/quality.py trains the same way."""
+    on_gpu = gpus > 0
+    steps = steps or (GPU_STEPS if on_gpu else CPU_STEPS)
+    encoder = encoder or ("efficientnet-b4" if on_gpu else "tu-mobilenetv3_small_050")
+    overrides = [f"encoder={encoder}", f"max_steps={steps}", f"val_every={validation_interval(steps)}"]
+    if not on_gpu:
+        return Recipe(2, steps, encoder, overrides + list(CPU_RECIPE))
+    import torch
+
+    memory_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+    batch, lr = gpu_batch(memory_gib)
+    print(f"demo: {memory_gib:.0f} GiB per GPU: batch_size={batch} lr={lr:g}", flush=True)
+    return Recipe(gpus, steps, encoder,
+                  overrides + [f"batch_size={batch}", f"lr={lr:g}", "crop_size=512", "num_workers=4"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -202,22 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     shards_dir = write_demo_shards(out, args.crops_per_photo, args.seed, args.extra_photos, log=log)
 
     run_dir = out / "run"
-    steps = args.steps or (GPU_STEPS if on_gpu else CPU_STEPS)
-    encoder = args.encoder or ("efficientnet-b4" if on_gpu else "tu-mobilenetv3_small_050")
-    overrides = [f"encoder={encoder}", f"max_steps={steps}", f"val_every={validation_interval(steps)}",
-                 f"seed={args.seed}", "resume=never"]
-    if on_gpu:
-        import torch
-
-        nproc = args.gpus
-        memory_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
-        batch, lr = gpu_batch(memory_gib)
-        print(f"demo: {memory_gib:.0f} GiB per GPU: batch_size={batch} lr={lr:g}")
-        overrides += [f"batch_size={batch}", f"lr={lr:g}", "crop_size=512", "num_workers=4"]
-    else:
-        nproc = 2
-        overrides += list(CPU_RECIPE)
-    overrides += args.overrides
+    nproc, steps, encoder, overrides = training_recipe(args.gpus, args.steps, args.encoder)
+    overrides += [f"seed={args.seed}", "resume=never", *args.overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run([py, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "job.train",
          "--shards", str(shards_dir), "--out", str(run_dir), *overrides], log, env=env)

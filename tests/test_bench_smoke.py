@@ -272,6 +272,33 @@ def test_quality_tiny_scores_each_model_beside_the_three_baselines(tmp_path):
     assert redo["scores"]["demo"] == out["scores"]["demo"]
 
 
+def test_quality_copy_photos_makes_a_cache_that_needs_no_archive(tmp_path):
+    """--copy-photos copies exactly the listed photos out of an unpacked-package cache, in its layout; the copy then
+    serves as --cache (no apt-get), and a cache missing a listed photo is one line naming it."""
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    from quality import HELD_PACKAGES, TRAIN_PACKAGES, fetch_packages
+
+    cache = tmp_path / "cache"
+    listed = []
+    for package, members in {**HELD_PACKAGES, **TRAIN_PACKAGES}.items():
+        for member in members:
+            path = cache / package / (member + "leaf.jpg" if member.endswith("/") else member)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(package.encode() + member.encode())
+            listed.append(path.relative_to(cache))
+    (cache / "lomiri-wallpapers-16.04" / "usr" / "share" / "backgrounds" / "render.png").write_bytes(b"not listed")
+    res = bench("quality.py", "--cache", cache, "--copy-photos", tmp_path / "slim")
+    assert f"{len(listed)} photos copied" in res.stdout
+    copied = sorted(p.relative_to(tmp_path / "slim") for p in (tmp_path / "slim").rglob("*") if p.is_file())
+    assert copied == sorted(listed)
+    assert all((tmp_path / "slim" / p).read_bytes() == (cache / p).read_bytes() for p in listed)
+    assert len(fetch_packages(HELD_PACKAGES, tmp_path / "slim")) == len(listed) - 1  # one mate photo
+    (tmp_path / "slim" / listed[0]).unlink()
+    bad = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "quality.py"), "--cache", tmp_path / "slim",
+                          "--copy-photos", tmp_path / "again"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert bad.returncode == 1 and f"has no {listed[0].relative_to(listed[0].parts[0])}" in bad.stderr
+
+
 def test_color_study_tiny_trains_every_formulation_and_scores_it_beside_gray(tmp_path):
     from PIL import Image
 
