@@ -176,16 +176,14 @@ def train_recipe(name: str, recipe: str, overrides: list[str], work: Path, *, ti
 
     out = work / name
     extra = list(extra_dirs) if recipe == "quality" else []
-    crops = 8
     # On a GPU both recipes train the demo's GPU steps: the quality recipe differs by its photos only.
-    nproc, steps, _, job = training_recipe(gpus, QUALITY_STEPS if recipe == "quality" and not gpus else None)
+    steps = 2 if tiny else QUALITY_STEPS if recipe == "quality" and not gpus else None
+    nproc, steps, _, job = training_recipe(gpus, steps, "tu-test_efficientnet" if tiny else None)
+    crops = 8
     if tiny:
         crops, nproc = 1, 1
-        job = [o for o in job if not o.startswith(("crop_size=", "decoder_channels=", "encoder=", "max_steps=",
-                                                    "val_every=", "num_workers="))]
-        job += ["max_steps=2", "val_every=1", "crop_size=64", "decoder_channels=16,8,8,8,8",
-                "encoder=tu-test_efficientnet", "num_workers=0"]
-        steps = 2
+        job = [o for o in job if not o.startswith(("crop_size=", "decoder_channels=", "num_workers="))]
+        job += ["crop_size=64", "decoder_channels=16,8,8,8,8", "num_workers=0"]
     shards, run_dir = out / "shards", out / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m",
            "job.train", "--shards", str(shards), "--out", str(run_dir), *job, "seed=0", "resume=never", *overrides]
@@ -277,8 +275,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the quality recipe's extra training photos (default: mate-backgrounds' nature photos)")
     ap.add_argument("--work", type=Path, default=Path("bench_quality"), help="shards, runs and results go here")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke: tiny model, 2 steps, 64 px, the demo recipe")
-    ap.add_argument("--gpus", type=int, default=0, help="train with the demo's GPU recipe on this many GPUs (EfficientNet-B4, "
-                    "512 px crops, launch.demo.GPU_STEPS steps for both recipes) and score on the GPU; 0: the CPU recipe")
+    ap.add_argument("--gpus", type=int, default=0,
+                    help="train with the demo's GPU recipe on this many GPUs (EfficientNet-B4, 512 px crops, "
+                    "launch.demo.GPU_STEPS steps for both recipes) and restore on the GPU; 0: the CPU recipe")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--reuse", action="store_true",
                     help="score a run that already finished the same command in WORK again instead of retraining")
@@ -290,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"quality: {n} photos copied to {args.copy_photos}; use --cache {args.copy_photos}")
         return 0
 
+    if args.gpus:
+        from launch.demo import check_gpus
+
+        check_gpus(args.gpus)  # before any packing or training
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     size = 64 if args.tiny else 512

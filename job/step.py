@@ -100,15 +100,8 @@ class StageLoss(nn.Module):
         if self.phase == "stage2":
             restored = gt_gray  # stage 2 alone learns from the true gray image
         if self.phase in ("stage2", "joint"):
-            colorizer = self.model.colorizer
-            if colorizer.color_mode == "classes":
-                # The cross-entropy needs the logits; the image-level terms (and the GAN) see the plain mean decode.
-                logits = colorizer.logits(restored)
-                rgb = colorizer.decode(logits, restored, temperature=1.0)
-                t2, terms2 = self.loss2(rgb, gt_rgb, class_logits=logits)
-            else:
-                rgb = self.model.colorize(restored)
-                t2, terms2 = self.loss2(rgb, gt_rgb)
+            rgb, logits = self.model.colorizer.training_outputs(restored)  # logits: color_mode classes only
+            t2, terms2 = self.loss2(rgb, gt_rgb, class_logits=logits)
             terms.update(terms2)
             total = t2 if total is None else total + t2
             disc = self._disc[0]

@@ -176,6 +176,15 @@ def validation_interval(steps: int) -> int:
     return max(steps // 8, 1)
 
 
+def check_gpus(gpus: int) -> None:
+    """Exit with one line when this machine has fewer CUDA GPUs than asked for."""
+    import torch
+
+    found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if found < gpus:
+        raise SystemExit(f"--gpus {gpus}: this machine has {found} CUDA GPU(s); use --gpus 0 (the CPU recipe) here")
+
+
 class Recipe(NamedTuple):
     ranks: int  # torchrun processes: 2 gloo ranks on CPU, one per GPU
     steps: int
@@ -194,6 +203,7 @@ def training_recipe(gpus: int, steps: int | None = None, encoder: str | None = N
         return Recipe(2, steps, encoder, overrides + list(CPU_RECIPE))
     import torch
 
+    check_gpus(gpus)
     memory_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
     batch, lr = gpu_batch(memory_gib)
     print(f"demo: {memory_gib:.0f} GiB per GPU: batch_size={batch} lr={lr:g}", flush=True)
@@ -223,11 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     py = sys.executable
     on_gpu = args.gpus > 0
     started = time.time()
+    nproc, steps, encoder, overrides = training_recipe(args.gpus, args.steps, args.encoder)  # --gpus checked first
 
     shards_dir = write_demo_shards(out, args.crops_per_photo, args.seed, args.extra_photos, log=log)
 
     run_dir = out / "run"
-    nproc, steps, encoder, overrides = training_recipe(args.gpus, args.steps, args.encoder)
     overrides += [f"seed={args.seed}", "resume=never", *args.overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run([py, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "job.train",

@@ -330,6 +330,14 @@ class Colorizer(_PaddedStage):
             return out
         return compose_chroma(gray, out)
 
+    def training_outputs(self, gray: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the training loss needs: (rgb, class logits or None). For color_mode "classes" the rgb is the plain
+        mean decode (temperature 1), which keeps the image-level terms' gradients smooth; else the forward's rgb."""
+        if self.color_mode != "classes":
+            return self(gray), None
+        logits = self.logits(gray)
+        return self.decode(logits, gray, temperature=1.0), logits
+
     def logits(self, gray: torch.Tensor) -> torch.Tensor:
         """color_mode "classes": B,1,H,W gray -> B,Q,ceil(H/4),ceil(W/4) chroma-class logits."""
         features = _PaddedStage.forward(self, gray)
@@ -337,8 +345,8 @@ class Colorizer(_PaddedStage):
 
     def decode(self, logits: torch.Tensor, gray: torch.Tensor,
                temperature: float = color_classes.ANNEAL_T) -> torch.Tensor:
-        """Class logits + the gray image -> RGB with the gray as its luma. Inference uses the annealed mean; training
-        decodes at temperature 1 (the plain mean) for its image-level terms, which keeps their gradients smooth."""
+        """Class logits + the gray image -> RGB with the gray as its luma, read out at ``temperature`` (inference:
+        the annealed mean; `training_outputs`: 1)."""
         chroma = color_classes.annealed_mean(logits, self.class_centers, temperature)
         chroma = F.interpolate(chroma, size=gray.shape[-2:], mode="bilinear", align_corners=False)
         return compose_chroma(gray, chroma)

@@ -299,6 +299,18 @@ def test_quality_copy_photos_makes_a_cache_that_needs_no_archive(tmp_path):
     assert bad.returncode == 1 and f"has no {listed[0].relative_to(listed[0].parts[0])}" in bad.stderr
 
 
+def test_quality_gpus_without_a_gpu_is_one_line_before_any_work(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    res = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "quality.py"), "--gpus", "1", "--work",
+                          str(tmp_path / "work")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and res.stderr.strip() == (
+        "--gpus 1: this machine has 0 CUDA GPU(s); use --gpus 0 (the CPU recipe) here")
+    assert not (tmp_path / "work").exists()
+
+
 def test_color_study_tiny_trains_every_formulation_and_scores_it_beside_gray(tmp_path):
     from PIL import Image
 

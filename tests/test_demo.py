@@ -42,6 +42,17 @@ def test_demo_runs_end_to_end_and_reports_scores_and_a_picture(tmp_path):
     assert (out / "run" / "checkpoints" / "best.pt").is_file()
 
 
+def test_demo_asking_for_more_gpus_than_there_are_says_so_before_any_work(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = run_cli(["launch.demo", "--out", tmp_path / "out", "--gpus", "1"], timeout=120)
+    assert proc.returncode == 1
+    assert "--gpus 1: this machine has 0 CUDA GPU(s); use --gpus 0" in proc.stderr
+    assert not (tmp_path / "out" / "shards").exists()
+
+
 def test_demo_picks_a_gpu_batch_that_fits_the_card_eagerly():
     from launch.demo import gpu_batch
 
