@@ -48,18 +48,21 @@ def write_photo_crops(out_dir: Path, names: Sequence[str], crops_per_photo: int,
 
 def write_extra_photos(out_dir: Path, folders: Sequence[Path], crops_per_photo: int, seed: int) -> list[Path]:
     """The same crops of every photo in ``folders`` (any format Pillow reads, searched recursively)."""
-    from shards.pack import list_photos
+    from shards.pack import list_photos, unique_keys
     from shards.sample_photos import random_square_crops
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for folder_index, folder in enumerate(folders):
-        for index, path in enumerate(list_photos(Path(folder))):
+        photos = list_photos(Path(folder))
+        # named by the path inside the folder: wallpaper packages keep every photo as .../images/2560x1600.jpg
+        names = unique_keys([p.relative_to(folder).with_suffix("").as_posix().replace("/", "_") for p in photos])
+        for index, (path, name) in enumerate(zip(photos, names)):
             with Image.open(path) as img:
                 image = np.asarray(img.convert("RGB"))
             rng = np.random.default_rng([seed, 1000 + folder_index, index])
             for number, crop in enumerate(random_square_crops(image, crops_per_photo, rng)):
-                target = out_dir / f"extra{folder_index}_{path.stem}_{number:02d}.png"
+                target = out_dir / f"extra{folder_index}_{name}_{number:02d}.png"
                 Image.fromarray(crop).save(target)
                 written.append(target)
     return written

@@ -59,3 +59,24 @@ def test_demo_picks_a_gpu_batch_that_fits_the_card_eagerly():
     assert gpu_batch(79.2) == (16, 2e-4)  # H100 80GB: batch 16 eager peaks at 28 GiB
     assert gpu_batch(40.0) == (16, 2e-4)
     assert gpu_batch(23.6) == (8, 1e-4)  # a 24 GB card: the job's default batch and lr
+
+
+def test_extra_photos_with_the_same_file_name_in_different_folders_all_become_crops(tmp_path):
+    """Wallpaper packages store every photo as ``<Name>/contents/images/2560x1600.jpg``: each must give its own crops
+    (a name from the file's stem alone overwrote all but the last photo's)."""
+    import numpy as np
+
+    from launch.demo import write_extra_photos
+
+    folder = tmp_path / "wallpapers"
+    colors = {"Kite": (30, 90, 200), "Path": (40, 160, 50), "Autumn": (200, 120, 30)}
+    for name, color in colors.items():
+        (folder / name / "images").mkdir(parents=True)
+        Image.new("RGB", (96, 64), color).save(folder / name / "images" / "2560x1600.jpg", quality=95)
+    written = write_extra_photos(tmp_path / "crops", [folder], crops_per_photo=2, seed=0)
+    assert len(written) == len(set(written)) == 6
+    assert sorted(p.name for p in (tmp_path / "crops").iterdir()) == sorted(p.name for p in written)
+    # every photo is there twice (its two crops), none overwritten by another folder's file of the same name
+    nearest = [min(colors, key=lambda n: np.abs(np.asarray(Image.open(p)).reshape(-1, 3).mean(0) - colors[n]).sum())
+               for p in written]
+    assert sorted(nearest) == sorted(list(colors) * 2)
