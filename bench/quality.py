@@ -16,17 +16,19 @@ training photo, not other crops of them.
 Recipes (each trains with the real job under torchrun, 2 gloo ranks, the demo's CPU recipe ``launch.demo.CPU_RECIPE``):
   demo     exactly ``python -m launch.demo``'s training: the bundled photos (``launch.demo.TRAIN_PHOTOS``),
            ``launch.demo.CPU_STEPS`` steps
-  quality  the same recipe on the bundled photos plus the 12 nature photos of Debian's ``mate-backgrounds`` (also
-           fetched), 8 crops each, 1600 steps (~12 min on 2 cores)
+  quality  the same recipe on the bundled photos plus the 11 photographs among Debian's
+           ``plasma-workspace-wallpapers`` (sky, forest, water, dusk, leaves, cups; also fetched, gathered into
+           ``WORK/quality_photos``; ``--extra-photos DIR`` takes any folder instead), 8 crops each, 1600 steps
+           (~6 min on 2 idle cores)
   --variant NAME=RECIPE:key=value,...  a recipe with job overrides (e.g. ``prefill=none``), to measure one choice
 With ``--gpus N`` both recipes train ``python -m launch.demo --gpus N``'s recipe instead (``launch.demo.GPU_STEPS``
 steps, the quality recipe differing by its photos) and restore on the GPU. A GPU machine that cannot reach Debian's
-archive gets the photos through ``--cache``: ``--copy-photos DIR`` copies the ~25 MB of photos this script uses out
+archive gets the photos through ``--cache``: ``--copy-photos DIR`` copies the ~31 MB of photos this script uses out
 of a cache into DIR, to carry there.
 
-Second held-out set, for the models that did not train on it: the 12 nature photos of ``mate-backgrounds`` (the
-quality recipe's extra training photos, so only the demo recipe and its variants are scored there): meadows, leaves,
-water, flowers, a hue mix the lomiri photos (warm light, many sunsets) lack. Packed and scored the same way; its own
+Second held-out set, for the models that did not train on it (all of them unless ``--extra-photos`` names these
+photos): the 12 nature photos of ``mate-backgrounds``: meadows, leaves, water, flowers, a hue mix the lomiri photos
+(warm light, many sunsets) lack. Packed and scored the same way; its own
 table (``scores_nature`` in the JSON) and picture (``quality_grid_nature.png``). Skipped with ``--held-dir`` or
 ``--tiny`` unless ``--nature-dir`` names a folder.
 
@@ -66,7 +68,13 @@ HELD_PACKAGES = {
             "seeding_by_Clements_Engelhardt.jpg", "sunset_by_Aitzol_Berasategi.jpg")],
     "lomiri-wallpapers-20.04": ["usr/share/backgrounds/Kleiber_by_Lukas_Baubkus.jpg"],
 }
-TRAIN_PACKAGES = {"mate-backgrounds": ["usr/share/backgrounds/mate/nature/"]}
+# The second held-out set: mate's nature photos (meadows, leaves, water, flowers).
+NATURE_PACKAGES = {"mate-backgrounds": ["usr/share/backgrounds/mate/nature/"]}
+# The quality recipe's extra training photos: the 11 photographs among Plasma's 30 wallpapers (the rest are renders
+# and paintings), each at its largest size; Plasma names a wallpaper by its folder (<Name>/contents/images/WxH.jpg).
+TRAIN_PACKAGES = {"plasma-workspace-wallpapers": [f"usr/share/wallpapers/{n}/contents/images/2560x1600.jpg" for n in (
+    "BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "EveningGlow", "FallenLeaf", "Grey", "Kite",
+    "OneStandsOut", "Path", "summer_1am")]}
 QUALITY_STEPS = 1600
 HELD_SEED = 11
 
@@ -104,7 +112,7 @@ def fetch_packages(packages: dict[str, list[str]], cache: Path) -> list[Path]:
 def copy_photos(cache: Path, dest: Path) -> int:
     """Copy the photos this script uses (held-out and training packages) from ``cache`` to ``dest`` in the same
     layout, so ``--cache dest`` works on a machine without Debian's archive (a GPU machine); returns how many."""
-    photos = fetch_packages({**HELD_PACKAGES, **TRAIN_PACKAGES}, cache)
+    photos = fetch_packages({**HELD_PACKAGES, **NATURE_PACKAGES, **TRAIN_PACKAGES}, cache)
     for photo in photos:
         target = dest / photo.relative_to(cache)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -123,7 +131,21 @@ def held_out_photos(held_dir: Path | None, nature_dir: Path | None, tiny: bool, 
             return held, list_photos(nature_dir)
     except BadInput as exc:
         raise SystemExit(f"quality: {exc}") from None
-    return held, [] if held_dir or tiny else fetch_packages(TRAIN_PACKAGES, cache)
+    return held, [] if held_dir or tiny else fetch_packages(NATURE_PACKAGES, cache)
+
+
+def photo_name(path: Path) -> str:
+    """A photo's name: its file name, or for a Plasma wallpaper (``<Name>/contents/images/2560x1600.jpg``) its folder's."""
+    return path.parents[2].name if re.fullmatch(r"\d+x\d+", path.stem) and len(path.parents) > 2 else path.stem
+
+
+def gather_photos(photos: list[Path], folder: Path) -> Path:
+    """Copies of ``photos`` under their names in ``folder`` (emptied first): one folder for the job's packer."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for photo in photos:
+        shutil.copy2(photo, folder / f"{photo_name(photo)}{photo.suffix.lower()}")
+    return folder
 
 
 def write_held_crops(photos: list[Path], out_dir: Path, size: int) -> int:
@@ -167,11 +189,12 @@ def pack_held(photos: list[Path], work: Path, name: str, size: int) -> tuple[Pat
 
 # ------------------------------------------------------------------------------------------------------ training
 def train_recipe(name: str, recipe: str, overrides: list[str], work: Path, *, tiny: bool, extra_dirs: list[Path],
-                 reuse: bool = False, gpus: int = 0) -> dict:
+                 extra_photos: list[str] = (), reuse: bool = False, gpus: int = 0) -> dict:
     """Train one recipe with the real job: the demo's data and training (``launch.demo.training_recipe``: its CPU
     recipe, or its GPU recipe with ``gpus``), plus the recipe's photos, steps and ``overrides``. Returns the run dir
     and the wall time. With ``reuse``, a finished run of the same command on the same photos (its
-    ``WORK/NAME/trained.json`` and ``run/done.json``) is scored again instead of retrained."""
+    ``WORK/NAME/trained.json`` and ``run/done.json``) is scored again instead of retrained. ``extra_photos`` are the
+    files in ``extra_dirs`` (their sources), recorded so a held-out set is never scored by a model that trained on it."""
     from launch.demo import training_recipe, write_demo_shards
 
     out = work / name
@@ -188,12 +211,13 @@ def train_recipe(name: str, recipe: str, overrides: list[str], work: Path, *, ti
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m",
            "job.train", "--shards", str(shards), "--out", str(run_dir), *job, "seed=0", "resume=never", *overrides]
     info = {"name": name, "recipe": recipe, "overrides": overrides, "steps": steps, "run": str(run_dir),
-            "photos": "bundled" + (" + " + ", ".join(map(str, extra)) if extra else ""), "command": cmd[1:]}
+            "photos": "bundled" + (f" + {len(extra_photos)} photos in " + ", ".join(map(str, extra)) if extra else ""),
+            "train_photos": list(extra_photos) if extra else [], "command": cmd[1:]}
     record = out / "trained.json"
     if reuse and (run_dir / "done.json").exists() and record.exists():
         done = json.loads(record.read_text())
         # the photos too: --extra-photos is not in the command
-        if all(done.get(k) == info[k] for k in ("command", "photos")):
+        if all(done.get(k) == info[k] for k in ("command", "photos", "train_photos")):
             print(f"quality: reusing {name}: {run_dir} finished the same command", flush=True)
             return done
     shutil.rmtree(out, ignore_errors=True)
@@ -272,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nature-dir", type=Path,
                     help="second held-out set (default: mate-backgrounds' nature photos; none with --held-dir/--tiny)")
     ap.add_argument("--extra-photos", type=Path, action="append", default=[],
-                    help="the quality recipe's extra training photos (default: mate-backgrounds' nature photos)")
+                    help="folder of the quality recipe's extra training photos (default: the 11 photographs among "
+                    "plasma-workspace-wallpapers, gathered into WORK/quality_photos)")
     ap.add_argument("--work", type=Path, default=Path("bench_quality"), help="shards, runs and results go here")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke: tiny model, 2 steps, 64 px, the demo recipe")
     ap.add_argument("--gpus", type=int, default=0,
@@ -309,11 +334,21 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--variant {text!r}: expected NAME=demo|quality:key=value,...")
         # a comma starts the next override only before "key=" (values such as stage_split=0.1,0.8 keep theirs)
         plans.append((name, recipe, [o for o in re.split(r",(?=[A-Za-z_]+=)", over) if o]))
-    extra = list(args.extra_photos)
-    if any(r == "quality" for _, r, _ in plans) and not extra and not args.tiny:
-        extra = [p.parent for p in fetch_packages(TRAIN_PACKAGES, args.cache)[:1]]
-    models = [train_recipe(name, recipe, over, work, tiny=args.tiny, extra_dirs=extra, reuse=args.reuse,
-                           gpus=args.gpus)
+    extra, extra_photos = list(args.extra_photos), []
+    if any(r == "quality" for _, r, _ in plans):
+        from shards.pack import BadInput, list_photos
+
+        if extra:
+            try:
+                extra_photos = [p for folder in extra for p in list_photos(folder)]
+            except BadInput as exc:
+                raise SystemExit(f"quality: {exc}") from None
+        elif not args.tiny:
+            extra_photos = fetch_packages(TRAIN_PACKAGES, args.cache)
+            extra = [gather_photos(extra_photos, work / "quality_photos")]
+    sources = [str(p.resolve()) for p in extra_photos]
+    models = [train_recipe(name, recipe, over, work, tiny=args.tiny, extra_dirs=extra, extra_photos=sources,
+                           reuse=args.reuse, gpus=args.gpus)
               for name, recipe, over in plans]
     device = "cuda" if args.gpus else "cpu"
     scores = score_all(held_shards / "train", models, work / "quality_grid.png", device=device)
@@ -321,9 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {"held": {"photos": [str(p) for p in held_photos], "crops": n, "size": size}, "models": models,
               "scores": scores}
     if nature_shards is not None:
-        # only the models that never saw these photos (the quality recipe trains on mate's nature photos)
-        folders = {str(p.parent) for p in nature_photos}
-        unseen = [m for m in models if not any(f in m["photos"] for f in folders)]
+        # only the models that never saw these photos (e.g. a quality recipe given --extra-photos of mate's)
+        nature_set = {str(p.resolve()) for p in nature_photos}
+        unseen = [m for m in models if not nature_set & set(m.get("train_photos", []))]
         nature = score_all(nature_shards / "train", unseen, work / "quality_grid_nature.png", device=device)
         print(f"\nsecond held-out set: {n_nature} crops of {len(nature_photos)} nature photos, models that did not "
               f"train on them")

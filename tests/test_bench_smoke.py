@@ -272,15 +272,39 @@ def test_quality_tiny_scores_each_model_beside_the_three_baselines(tmp_path):
     assert redo["scores"]["demo"] == out["scores"]["demo"]
 
 
+def test_quality_never_scores_a_model_on_a_held_out_set_it_trained_on(tmp_path):
+    """The quality recipe records the photos it trained on; a second held-out set holding them leaves that model out
+    of its table (the demo recipe, which never saw them, stays in)."""
+    from PIL import Image
+
+    from shards.sample_photos import load_photo
+
+    held, nature = tmp_path / "held", tmp_path / "nature"
+    for folder, names in ((held, ("hubble_deep_field",)), (nature, ("retina", "immunohistochemistry"))):
+        folder.mkdir()
+        for name in names:
+            Image.fromarray(load_photo(name)).save(folder / f"{name}.png")
+    bench("quality.py", "--tiny", "--held-dir", held, "--nature-dir", nature, "--extra-photos", nature,
+          "--work", tmp_path / "work", "--recipes", "demo,quality", "--json", tmp_path / "q.json")
+    out = json.loads((tmp_path / "q.json").read_text())
+    quality = next(m for m in out["models"] if m["name"] == "quality")
+    assert sorted(quality["train_photos"]) == sorted(str(p.resolve()) for p in nature.iterdir())
+    assert next(m for m in out["models"] if m["name"] == "demo")["train_photos"] == []
+    assert {"demo", "quality"} <= set(out["scores"])
+    assert "demo" in out["scores_nature"] and "quality" not in out["scores_nature"]
+    crops = sorted(p.name for p in (tmp_path / "work" / "quality" / "photos" / "train").iterdir())
+    assert [c for c in crops if c.startswith("extra")] == ["extra0_immunohistochemistry_00.png", "extra0_retina_00.png"]
+
+
 def test_quality_copy_photos_makes_a_cache_that_needs_no_archive(tmp_path):
     """--copy-photos copies exactly the listed photos out of an unpacked-package cache, in its layout; the copy then
     serves as --cache (no apt-get), and a cache missing a listed photo is one line naming it."""
     sys.path.insert(0, str(REPO_ROOT / "bench"))
-    from quality import HELD_PACKAGES, TRAIN_PACKAGES, fetch_packages
+    from quality import HELD_PACKAGES, NATURE_PACKAGES, TRAIN_PACKAGES, fetch_packages
 
     cache = tmp_path / "cache"
     listed = []
-    for package, members in {**HELD_PACKAGES, **TRAIN_PACKAGES}.items():
+    for package, members in {**HELD_PACKAGES, **NATURE_PACKAGES, **TRAIN_PACKAGES}.items():
         for member in members:
             path = cache / package / (member + "leaf.jpg" if member.endswith("/") else member)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -292,7 +316,10 @@ def test_quality_copy_photos_makes_a_cache_that_needs_no_archive(tmp_path):
     copied = sorted(p.relative_to(tmp_path / "slim") for p in (tmp_path / "slim").rglob("*") if p.is_file())
     assert copied == sorted(listed)
     assert all((tmp_path / "slim" / p).read_bytes() == (cache / p).read_bytes() for p in listed)
-    assert len(fetch_packages(HELD_PACKAGES, tmp_path / "slim")) == len(listed) - 1  # one mate photo
+    n_held = sum(len(members) for members in HELD_PACKAGES.values())
+    assert len(fetch_packages(HELD_PACKAGES, tmp_path / "slim")) == n_held
+    assert len(fetch_packages(TRAIN_PACKAGES, tmp_path / "slim")) == 11  # Plasma's photographs
+    assert len(fetch_packages(NATURE_PACKAGES, tmp_path / "slim")) == len(listed) - n_held - 11  # one mate photo here
     (tmp_path / "slim" / listed[0]).unlink()
     bad = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "quality.py"), "--cache", tmp_path / "slim",
                           "--copy-photos", tmp_path / "again"], cwd=REPO_ROOT, capture_output=True, text=True)
