@@ -1,7 +1,7 @@
 """What the restored photos are worth on real photos no model here trained on: the model vs gray copy vs classical
 inpainting, per DACON score term, side by side in one run.
 
-    python bench/quality.py                                   # the demo and the quality recipe (~25 min, 2 cores)
+    python bench/quality.py                                   # the demo and the quality recipe (~12 min, 2 cores)
     python bench/quality.py --recipes demo --variant noprefill=demo:prefill=none     # what one design choice adds
     python bench/quality.py --tiny --held-dir DIR             # CPU smoke (tests): a tiny model, 2 steps, 64 px
     python bench/quality.py --gpus 1 --recipes demo --cache C # the demo's GPU recipe (EfficientNet-B4, 512 px)
