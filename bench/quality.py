@@ -202,6 +202,8 @@ def train_recipe(name: str, recipe: str, overrides: list[str], work: Path, *, ti
     # On a GPU both recipes train the demo's GPU steps: the quality recipe differs by its photos only.
     steps = 2 if tiny else QUALITY_STEPS if recipe == "quality" and not gpus else None
     nproc, steps, _, job = training_recipe(gpus, steps, "tu-test_efficientnet" if tiny else None)
+    # a max_steps override wins over the recipe's (the job takes the last value): report that one
+    steps = next((int(o.split("=", 1)[1]) for o in reversed(overrides) if o.startswith("max_steps=")), steps)
     crops = 8
     if tiny:
         crops, nproc = 1, 1

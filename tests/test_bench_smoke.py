@@ -245,7 +245,7 @@ def test_quality_tiny_scores_each_model_beside_the_three_baselines(tmp_path):
     nature.mkdir()
     Image.fromarray(load_photo("immunohistochemistry")).save(nature / "ihc.png")
     res = bench("quality.py", "--tiny", "--held-dir", held, "--nature-dir", nature, "--work", tmp_path / "work",
-                "--recipes", "demo", "--variant", "noprefill=demo:prefill=none", "--json", tmp_path / "q.json")
+                "--recipes", "demo", "--variant", "noprefill=demo:prefill=none,max_steps=3", "--json", tmp_path / "q.json")
     out = json.loads((tmp_path / "q.json").read_text())
     assert json.loads(res.stdout.strip().splitlines()[-1]) == out
     assert out["held"]["crops"] == 4  # two crops of each held-out photo
@@ -257,9 +257,10 @@ def test_quality_tiny_scores_each_model_beside_the_three_baselines(tmp_path):
     assert list(out["scores_nature"]) == list(out["scores"]) and out["held_nature"]["crops"] == 2
     assert all(s["n"] == 2 for s in out["scores_nature"].values())
     assert (tmp_path / "work" / "quality_grid_nature.png").is_file() and "second held-out set" in res.stdout
-    assert [m["overrides"] for m in out["models"]] == [[], ["prefill=none"]]
+    assert [m["overrides"] for m in out["models"]] == [[], ["prefill=none", "max_steps=3"]]
     cfg = json.loads((tmp_path / "work" / "noprefill" / "run" / "config.json").read_text())
     assert cfg["model"]["prefill"] == "none"
+    assert [m["steps"] for m in out["models"]] == [2, 3] and "noprefill: recipe demo, 3 steps" in res.stdout
     assert "gray copy" in res.stdout and (tmp_path / "work" / "quality_grid.png").is_file()
     # --reuse scores a finished run of the same command again; a changed command retrains
     weights = tmp_path / "work" / "demo" / "run" / "checkpoints" / "best.pt"
