@@ -140,11 +140,14 @@ def photo_name(path: Path) -> str:
 
 
 def gather_photos(photos: list[Path], folder: Path) -> Path:
-    """Copies of ``photos`` under their names in ``folder`` (emptied first): one folder for the job's packer."""
+    """Copies of ``photos`` under their names in ``folder`` (emptied first): one folder for the job's packer. Two
+    photos of the same name get ``_2``, ... (``shards.pack.unique_keys``) rather than one overwriting the other."""
+    from shards.pack import unique_keys
+
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    for photo in photos:
-        shutil.copy2(photo, folder / f"{photo_name(photo)}{photo.suffix.lower()}")
+    for photo, name in zip(photos, unique_keys([photo_name(p) for p in photos])):
+        shutil.copy2(photo, folder / f"{name}{photo.suffix.lower()}")
     return folder
 
 
