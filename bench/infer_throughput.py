@@ -46,7 +46,7 @@ import numpy as np
 from PIL import Image
 from skimage import data as skdata
 
-from restore import batch_infer, inputs, ray_pipeline
+from restore import batch_infer, infer_summary, inputs, ray_pipeline
 from restore.engine import BENCHMARK_AFTER_CALLS, Engine
 from shards import schema
 from shards.reader import iter_samples, shard_paths
@@ -125,7 +125,7 @@ def plain_loop(split: Path, checkpoint: Path, png_dir: Path, batch_size: int, tt
             break
     wall = time.perf_counter() - start
     return {"images": count, "model_load_s": round(load_s, 3), "wall_s": round(wall, 3),
-            "wall_img_s": count / wall, "steady_img_s": batch_infer.steady_rate(arrivals),
+            "wall_img_s": count / wall, "steady_img_s": infer_summary.steady_rate(arrivals),
             "profile_s_per_img": {k: round(v / max(count, 1), 5) for k, v in prof.items()},
             "device": str(engine.device)}
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from restore import batch_infer, inputs, ray_pipeline
+from restore import batch_infer, infer_summary, inputs, ray_pipeline
 from restore.engine import Engine
 from restore.composite import composite_luma
 from restore.model import ModelSpec, build_model, inference_checkpoint
@@ -602,20 +602,20 @@ def test_actor_hands_the_engines_array_on_when_every_row_was_restored(ckpt):
 def test_actor_time_split_covers_the_span_after_the_first_batch():
     # (clock, model, calls) at the end of each batch; the first batch (compilation, say) is left out
     marks = [(30.0, 29.0, 29.5), (32.0, 30.5, 31.1), (34.0, 32.0, 32.7), (32.0, 30.5, 31.1)]  # a batch's rows repeat
-    split = batch_infer.actor_time_split(marks)
+    split = infer_summary.actor_time_split(marks)
     # one mark per restored image: the images after the first batch are the batch at 32 s (two) and the one at 34 s
     assert split == {"span_s": 4.0, "model": 0.75, "calls_other": 0.05, "outside_calls": 0.2, "images": 3,
                      "img_s": 0.75}
-    assert batch_infer.actor_time_split(marks[:1]) is None  # one batch: nothing after it
-    assert batch_infer.actor_time_split([]) is None
+    assert infer_summary.actor_time_split(marks[:1]) is None  # one batch: nothing after it
+    assert infer_summary.actor_time_split([]) is None
 
 
 def test_rate_after_first_batch_counts_the_batches_after_the_first_any_actor_finished():
     # two actors on one clock: A's batches end at 10, 12, 14 s (2 images each), B's at 11 and 15 s (3 images each)
     ends = [10.0] * 2 + [12.0] * 2 + [14.0] * 2 + [11.0] * 3 + [15.0] * 3
-    assert batch_infer.rate_after_first_batch(ends) == {"images": 10, "span_s": 5.0, "img_s": 2.0}
-    assert batch_infer.rate_after_first_batch([7.0, 7.0]) is None  # one batch: no span after it
-    assert batch_infer.rate_after_first_batch([]) is None
+    assert infer_summary.rate_after_first_batch(ends) == {"images": 10, "span_s": 5.0, "img_s": 2.0}
+    assert infer_summary.rate_after_first_batch([7.0, 7.0]) is None  # one batch: no span after it
+    assert infer_summary.rate_after_first_batch([]) is None
 
 
 def test_engine_reads_rays_read_only_columns_quietly_and_leaves_them_as_they_were(ckpt):
