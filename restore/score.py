@@ -107,7 +107,8 @@ def masked_ssim(gt: np.ndarray, pred: np.ndarray, mask: np.ndarray) -> float:
     return float(structural_similarity(gt[mask], pred[mask], channel_axis=-1, data_range=rng))
 
 
-def _hue_hist(img: np.ndarray) -> np.ndarray:
+def hue_histogram(img: np.ndarray) -> np.ndarray:
+    """The score's hue histogram of an RGB uint8 image: 180 bins of OpenCV's H, L2-normalized, float32 (180, 1)."""
     hue = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)[:, :, 0]
     hist = cv2.calcHist([hue], [0], None, [HUE_BINS], [0, HUE_BINS])
     return cv2.normalize(hist, hist)
@@ -116,7 +117,7 @@ def _hue_hist(img: np.ndarray) -> np.ndarray:
 def hist_sim(gt: np.ndarray, pred: np.ndarray) -> float:
     """Correlation of the L2-normalized 180-bin hue histograms (OpenCV HSV)."""
     _check_pair(gt, pred)
-    return float(cv2.compareHist(_hue_hist(gt), _hue_hist(pred), cv2.HISTCMP_CORREL))
+    return float(cv2.compareHist(hue_histogram(gt), hue_histogram(pred), cv2.HISTCMP_CORREL))
 
 
 def score_image(gt: np.ndarray, pred: np.ndarray, mask: np.ndarray) -> dict:

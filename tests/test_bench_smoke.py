@@ -272,6 +272,31 @@ def test_quality_tiny_scores_each_model_beside_the_three_baselines(tmp_path):
     redo = json.loads(again.stdout.strip().splitlines()[-1])
     assert redo["scores"]["demo"] == out["scores"]["demo"]
 
+    # bench/hue_prior.py on the same work folder: the models' hue terms beside a fixed histogram's correlation
+    bench("hue_prior.py", "--work", tmp_path / "work", "--within", "--json", tmp_path / "hue.json")
+    hue = json.loads((tmp_path / "hue.json").read_text())
+    assert list(hue) == ["lomiri (4 crops)", "nature (2 crops)"]
+    lomiri = hue["lomiri (4 crops)"]
+    assert lomiri["restored: demo"] == out["scores"]["demo"]["hist_sim"]
+    assert "prior: the set itself, leave one photo out" in lomiri  # two photos; the nature set has one: no such row
+    assert "prior: the set itself, leave one photo out" not in hue["nature (2 crops)"]
+    import cv2
+    import numpy as np
+
+    from launch.demo import TRAIN_PHOTOS
+    from shards.reader import iter_samples, shard_paths
+
+    def hist(rgb):
+        return cv2.calcHist([cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[:, :, 0]], [0], None, [180], [0, 180]).ravel()
+
+    def unit(h):
+        return (h - h.mean()) / np.linalg.norm(h - h.mean())
+
+    prior = np.mean([unit(hist(load_photo(n))) for n in TRAIN_PHOTOS], axis=0)
+    truths = [s.gt for s in iter_samples(shard_paths(tmp_path / "work" / "held_shards" / "train"))]
+    expected = np.mean([np.corrcoef(hist(gt), prior)[0, 1] for gt in truths])  # Pearson, as the score's compareHist
+    assert abs(lomiri["prior: demo's bundled photos"] - expected) < 1e-6
+
 
 def test_quality_never_scores_a_model_on_a_held_out_set_it_trained_on(tmp_path):
     """The quality recipe records the photos it trained on; a second held-out set holding them leaves that model out
