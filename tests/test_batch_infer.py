@@ -194,7 +194,7 @@ def test_bad_samples_exit_2_naming_them_and_skip_bad_restores_the_rest(infer, ck
 
     r = infer("--shards", split, "--checkpoint", ckpt, "--out", out, "--skip-bad")
     assert r.returncode == 0, r.stderr
-    assert f"skipped 2 bad input(s)" in r.stdout
+    assert "skipped 2 bad input(s)" in r.stdout
     assert f"{corrupt}: " in r.stdout and "cannot decode PNG" in r.stdout
     assert f"{maskless}: " in r.stdout and f"missing member {maskless}.mask.png" in r.stdout
     listing = json.loads((out.parent / "sub.bad.json").read_text())  # named after the zip: this job's own
@@ -204,7 +204,7 @@ def test_bad_samples_exit_2_naming_them_and_skip_bad_restores_the_rest(infer, ck
     assert sorted(_zip_images(out)) == good
     with zipfile.ZipFile(out) as zf:
         assert b"2 bad inputs left out" in zf.comment
-    assert f"WITHOUT the 2 bad keys" in r.stdout
+    assert "WITHOUT the 2 bad keys" in r.stdout
 
 
 def test_images_folder_detects_masks_on_the_fly(infer, ckpt, tiny_dacon_truth, tmp_path):
